@@ -1,0 +1,379 @@
+# SPDX-License-Identifier: Apache-2.0
+"""YAML loss-config loader with precise, complete error reports.
+
+Accepted layouts (all equivalent)::
+
+    model: {losses: [...]}      # NetsPresso Trainer layout; other top-level keys are ignored
+    losses: [...]
+    [...]                       # a bare list of entries
+
+Each entry: ``criterion`` (required), ``weight`` (float >= 0, null/absent = 1.0), ``name`` (optional, the
+key it is logged under; default the criterion name; unique), and the criterion's own fields.
+YAML is read with a safe loader: tags such as ``!!python/object`` are rejected.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from losskit.errors import ConfigError, CriterionConflictError, Problem
+from losskit.registry import CriterionInfo, Registry, get_registry
+from losskit.schema import field_names, validate_config
+
+__all__ = ["LossConfig", "LossEntry", "load_config"]
+
+RESERVED = ("criterion", "weight", "name")
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+_MAX_NODES = 100_000
+
+PathKey = tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class LossEntry:
+    """One validated loss entry."""
+
+    name: str
+    criterion: str
+    weight: float
+    config: Any
+    info: CriterionInfo
+    path: str
+
+    def build(self) -> Any:
+        """Instantiate the criterion with its validated config."""
+        return self.info.cls(self.config)
+
+
+@dataclass
+class LossConfig:
+    """A validated loss config: its entries and where it came from."""
+
+    entries: list[LossEntry]
+    source: str | None = None
+    raw: Any = field(default=None, repr=False)
+    lines: dict[PathKey, int] = field(default_factory=dict, repr=False)
+
+
+def _fmt_path(path: PathKey) -> str:
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+class _Reader:
+    """Build Python data from a YAML node tree, remembering lines and flagging duplicate keys."""
+
+    def __init__(self, problems: list[Problem], source: str | None) -> None:
+        self.problems = problems
+        self.source = source
+        self.lines: dict[PathKey, int] = {}
+        self.key_lines: dict[PathKey, int] = {}
+        self.constructor = yaml.SafeLoader("")
+        self.visited = 0
+
+    def problem(self, path: PathKey, line: int | None, message: str) -> None:
+        self.problems.append(Problem(_fmt_path(path), message, self.source, line))
+
+    def read(self, node: yaml.Node, path: PathKey, stack: tuple[int, ...] = ()) -> Any:
+        self.visited += 1
+        line = node.start_mark.line + 1
+        self.lines.setdefault(path, line)
+        if self.visited > _MAX_NODES:
+            raise _TooLarge(line)
+        if id(node) in stack:
+            self.problem(path, line, "recursive YAML alias; a loss config must be a tree")
+            return None
+        stack = (*stack, id(node))
+        if isinstance(node, yaml.MappingNode):
+            result: dict[Any, Any] = {}
+            try:
+                self.constructor.flatten_mapping(node)
+            except yaml.YAMLError as exc:
+                self.problem(path, line, f"invalid YAML merge: {exc}")
+                return None
+            for key_node, value_node in node.value:
+                if not isinstance(key_node, yaml.ScalarNode):
+                    self.problem(path, key_node.start_mark.line + 1, "mapping keys must be plain scalars")
+                    continue
+                key = self.scalar(key_node, path)
+                if not isinstance(key, (str, int, float, bool)) and key is not None:
+                    continue
+                sub = (*path, key if isinstance(key, str) else str(key))
+                self.key_lines.setdefault(sub, key_node.start_mark.line + 1)
+                if key in result:
+                    self.problem(
+                        sub, key_node.start_mark.line + 1,
+                        f"duplicate key {key!r} (first at line {self.key_lines[sub]}); YAML would keep only the last",
+                    )
+                    continue
+                result[key] = self.read(value_node, sub, stack)
+            return result
+        if isinstance(node, yaml.SequenceNode):
+            return [self.read(item, (*path, i), stack) for i, item in enumerate(node.value)]
+        return self.scalar(node, path)
+
+    def scalar(self, node: yaml.Node, path: PathKey) -> Any:
+        try:
+            return self.constructor.construct_object(node, deep=True)
+        except yaml.YAMLError as exc:
+            tag = getattr(node, "tag", "?")
+            self.problem(
+                path, node.start_mark.line + 1,
+                f"YAML tag {tag!r} is not allowed (configs are read with a safe loader): "
+                f"{getattr(exc, 'problem', None) or exc}",
+            )
+            return None
+
+
+class _TooLarge(Exception):
+    def __init__(self, line: int) -> None:
+        self.line = line
+
+
+def _parse_yaml(text: str, source: str | None, problems: list[Problem]) -> tuple[Any, dict[PathKey, int], dict[PathKey, int]]:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else None
+        detail = " ".join(str(x) for x in (exc.context, exc.problem) if x)
+        problems.append(Problem("", f"YAML syntax error: {detail}", source or "<string>", line))
+        return None, {}, {}
+    except yaml.YAMLError as exc:
+        problems.append(Problem("", f"YAML error: {exc}", source or "<string>"))
+        return None, {}, {}
+    if node is None:
+        problems.append(Problem("", "the config is empty; expected a 'losses' list", source or "<string>", 1))
+        return None, {}, {}
+    reader = _Reader(problems, source)
+    try:
+        data = reader.read(node, ())
+    except _TooLarge as exc:
+        problems.append(Problem("", f"the config has more than {_MAX_NODES} YAML nodes (alias bomb?)", source, exc.line))
+        return None, {}, {}
+    return data, reader.lines, reader.key_lines
+
+
+def _looks_like_path(text: str) -> bool:
+    return "\n" not in text and (text.endswith((".yaml", ".yml")) or os.path.isfile(text))
+
+
+def _given(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if value is None:
+        return "null"
+    kind = type(value).__name__
+    article = "an" if kind[0] in "aeiou" else "a"
+    return f"{value!r} ({article} {kind})"
+
+
+def load_config(
+    source: Any,
+    *,
+    registry: Registry | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> LossConfig:
+    """Load and validate a loss config.
+
+    Args:
+        source: a YAML file path (``str`` or ``os.PathLike``), a YAML string, a mapping, a list of entries,
+            or a :class:`LossConfig` (re-validated).
+        registry: where criteria are looked up (default: the process-wide registry).
+        overrides: field values applied to every entry whose criterion declares that field
+            (``build_losses``' runtime keywords); a key no criterion declares is an error.
+
+    Raises:
+        ConfigError: listing every problem, each with its location.
+    """
+    registry = registry if registry is not None else get_registry()
+    problems: list[Problem] = []
+    src_name: str | None = None
+    lines: dict[PathKey, int] = {}
+    key_lines: dict[PathKey, int] = {}
+    if isinstance(source, LossConfig):
+        data, src_name, lines = source.raw, source.source, dict(source.lines)
+        key_lines = lines
+    elif isinstance(source, (os.PathLike, str)) and (isinstance(source, os.PathLike) or _looks_like_path(source)):
+        path = Path(source)
+        src_name = str(source)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError([Problem("", f"config file not found: {str(source)!r}")]) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError([Problem("", f"cannot read config file {str(source)!r}: {exc}")]) from None
+        data, lines, key_lines = _parse_yaml(text, src_name, problems)
+    elif isinstance(source, str):
+        data, lines, key_lines = _parse_yaml(source, None, problems)
+    elif isinstance(source, bytes):
+        data, lines, key_lines = _parse_yaml(source.decode("utf-8", "replace"), None, problems)
+    elif isinstance(source, (Mapping, list, tuple)):
+        data = source
+    else:
+        raise ConfigError(
+            [Problem("", f"expected a YAML path or string, a mapping or a list, got {type(source).__name__}")]
+        )
+    if problems:
+        raise ConfigError(problems)
+
+    def report(
+        path: PathKey,
+        message: str,
+        *,
+        key: bool = False,
+        criterion: str | None = None,
+        line_of: PathKey | None = None,
+    ) -> None:
+        line = key_lines.get(line_of) if line_of is not None else None
+        line = line or (key_lines.get(path) if key else None) or lines.get(path)
+        probe = path
+        while line is None and probe:
+            probe = probe[:-1]
+            line = lines.get(probe)
+        problems.append(Problem(_fmt_path(path), message, src_name, line, criterion))
+
+    entries_path, entries = _locate_losses(data, report)
+    result: list[LossEntry] = []
+    if entries is not None:
+        result = _validate_entries(entries, entries_path, registry, overrides or {}, report)
+    if problems:
+        raise ConfigError(problems)
+    return LossConfig(result, src_name, data, {**lines, **key_lines})
+
+
+def _locate_losses(data: Any, report: Any) -> tuple[PathKey, Any]:
+    if isinstance(data, (list, tuple)):
+        path: PathKey = ()
+        losses = data
+    elif isinstance(data, Mapping):
+        if "model" in data and isinstance(data["model"], Mapping) and "losses" in data["model"]:
+            if "losses" in data:
+                report(("losses",), "both 'losses' and 'model.losses' are given; keep one", key=True)
+                return (), None
+            path, losses = ("model", "losses"), data["model"]["losses"]
+        elif "losses" in data:
+            path, losses = ("losses",), data["losses"]
+        elif "model" in data:
+            if not isinstance(data["model"], Mapping):
+                report(("model",), f"expected a mapping with a 'losses' list, got {_given(data['model'])}")
+            else:
+                keys = ", ".join(repr(k) for k in data["model"]) or "none"
+                report(("model",), f"missing 'losses' (a list of loss entries); model has keys {keys}")
+            return (), None
+        else:
+            keys = ", ".join(repr(k) for k in data) or "none"
+            report((), f"no loss list found: expected 'model.losses', 'losses' or a bare list; got keys {keys}")
+            return (), None
+    else:
+        report((), f"expected a mapping with 'losses' or a list of loss entries, got {_given(data)}")
+        return (), None
+    if not isinstance(losses, (list, tuple)):
+        report(path, f"expected a list of loss entries, got {_given(losses)}")
+        return path, None
+    if len(losses) == 0:
+        report(path, "the list of losses is empty; add at least one entry with a 'criterion'")
+        return path, None
+    return path, losses
+
+
+def _validate_entries(
+    entries: Sequence[Any],
+    base: PathKey,
+    registry: Registry,
+    overrides: Mapping[str, Any],
+    report: Any,
+) -> list[LossEntry]:
+    result: list[LossEntry] = []
+    seen: dict[str, int] = {}
+    used_overrides: set[str] = set()
+    all_fields: dict[str, list[str]] = {}
+    for i, entry in enumerate(entries):
+        path: PathKey = (*base, i)
+        if not isinstance(entry, Mapping):
+            report(path, f"expected a mapping with a 'criterion' key, got {_given(entry)}")
+            continue
+        ok = True
+        criterion = entry.get("criterion")
+        info: CriterionInfo | None = None
+        if "criterion" not in entry:
+            report(path, f"missing 'criterion'; installed criteria: {', '.join(registry.names()) or 'none'}")
+            ok = False
+        elif not isinstance(criterion, str):
+            report((*path, "criterion"), f"expected a criterion name (a string), got {_given(criterion)}")
+            ok = False
+        else:
+            try:
+                info = registry.get(criterion)
+            except CriterionConflictError as exc:
+                report((*path, "criterion"), str(exc))
+                ok = False
+            except LookupError:
+                report((*path, "criterion"), registry.unknown_message(criterion))
+                ok = False
+        weight = entry.get("weight")
+        if weight is None:
+            weight = 1.0
+        elif isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            report((*path, "weight"), f"expected a float >= 0 (or null for 1.0), got {_given(weight)}")
+            ok = False
+        elif not math.isfinite(weight):
+            report((*path, "weight"), f"expected a finite float >= 0, got {weight!r}")
+            ok = False
+        elif weight < 0:
+            report((*path, "weight"), f"expected a float >= 0, got {weight!r}")
+            ok = False
+        name = entry.get("name", criterion if isinstance(criterion, str) else None)
+        if "name" in entry and (not isinstance(name, str) or not _NAME_RE.match(name)):
+            report(
+                (*path, "name"),
+                f"expected a name of letters, digits, '_' or '-' starting with a letter or '_', got {_given(name)}",
+            )
+            ok = False
+        elif isinstance(name, str):
+            if name in seen:
+                report(
+                    (*path, "name") if "name" in entry else (*path, "criterion"),
+                    f"duplicate loss name {name!r} (also at {_fmt_path((*base, seen[name]))}); "
+                    "give one of them a distinct 'name'",
+                )
+                ok = False
+            else:
+                seen[name] = i
+        if info is None:
+            continue
+        fields = {k: v for k, v in entry.items() if k not in RESERVED}
+        declared = field_names(info.cls.Config)
+        all_fields[info.name] = list(declared)
+        for key, value in overrides.items():
+            if key in declared:
+                fields[key] = value
+                used_overrides.add(key)
+
+        def field_report(fname: str, message: str, _path: PathKey = path, _crit: str = info.name) -> None:
+            if message.startswith("unknown field"):
+                report(_path, message, criterion=_crit, line_of=(*_path, fname))
+            else:
+                report((*_path, fname) if fname else _path, message, criterion=_crit)
+
+        config = validate_config(info.cls.Config, fields, report=field_report)
+        if config is None or not ok:
+            continue
+        result.append(LossEntry(str(name), info.name, float(weight), config, info, _fmt_path(path)))
+    for key in overrides:
+        if key not in used_overrides:
+            listing = "; ".join(f"{c}: {', '.join(f) or '(none)'}" for c, f in all_fields.items()) or "none"
+            report((), f"runtime argument {key!r} is not a field of any criterion in the config ({listing})")
+    return result
