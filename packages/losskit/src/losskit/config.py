@@ -33,6 +33,7 @@ __all__ = ["LossConfig", "LossEntry", "load_config"]
 RESERVED = ("criterion", "weight", "name")
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 _MAX_NODES = 100_000
+_PLAIN_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
 
 PathKey = tuple[str | int, ...]
 
@@ -94,6 +95,11 @@ class _Reader:
             self.problem(path, line, "recursive YAML alias; a loss config must be a tree")
             return None
         stack = (*stack, id(node))
+        if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) and node.tag not in _PLAIN_TAGS:
+            self.problem(
+                path, line, f"YAML tag {node.tag!r} is not allowed (configs are read with a safe loader)"
+            )
+            return None
         if isinstance(node, yaml.MappingNode):
             result: dict[Any, Any] = {}
             try:
@@ -238,7 +244,7 @@ def load_config(
         line_of: PathKey | None = None,
     ) -> None:
         line = key_lines.get(line_of) if line_of is not None else None
-        line = line or (key_lines.get(path) if key else None) or lines.get(path)
+        line = line or key_lines.get(path) or lines.get(path)
         probe = path
         while line is None and probe:
             probe = probe[:-1]

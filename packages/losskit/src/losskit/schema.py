@@ -193,10 +193,22 @@ def _string_hint(value: str, want: str) -> str:
         float(value)
     except ValueError:
         return ""
-    return (
-        f"; write it as a number without quotes (YAML reads exponents like 1e-3 as strings: "
-        f"write 1.0e-3)" if want in ("float", "int") else ""
-    )
+    if want not in ("float", "int"):
+        return ""
+    hint = "; write it as a number without quotes"
+    if "e" in value.lower() and "." not in value:
+        hint += " (YAML reads exponents like 1e-3 as strings: write 1.0e-3)"
+    return hint
+
+
+def _expect(tp: Any) -> str:
+    """'a float', 'an int', ... for messages."""
+    names = {bool: "a bool (true/false)", int: "an int", float: "a float", str: "a string"}
+    if tp in names:
+        return names[tp]
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return _type_name(tp)
 
 
 def _check_range(x: float, c: _Constraint) -> None:
@@ -267,8 +279,8 @@ def _coerce(value: Any, tp: Any, c: _Constraint) -> Any:
                 errors.append(e.message)
         if len(rest) == 1:
             msg = errors[0]
-            if value is None:
-                msg = f"expected {_type_name(tp)}, got null"
+            if msg.startswith("expected ") and ", got " in msg and not msg.startswith("expected a finite"):
+                msg = f"expected {_type_name(tp)}, got " + msg.split(", got ", 1)[1]
             raise _Invalid(msg)
         raise _Invalid(f"expected {_type_name(tp)}, got {_given(value)}")
     origin = typing.get_origin(tp)
@@ -294,7 +306,7 @@ def _coerce(value: Any, tp: Any, c: _Constraint) -> Any:
                 raise _Invalid(f"item [{i}]: {e.message}") from None
         return tuple(items)
     if isinstance(value, (list, tuple, Mapping)):
-        raise _Invalid(f"expected {_type_name(tp)}, got {_given(value)}")
+        raise _Invalid(f"expected {_expect(tp)}, got {_given(value)}")
     return _coerce_scalar(value, tp, c)
 
 
