@@ -33,6 +33,7 @@ __all__ = ["LossConfig", "LossEntry", "load_config"]
 RESERVED = ("criterion", "weight", "name")
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 _MAX_NODES = 100_000
+TOP = "(top level)"
 _PLAIN_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
 
 PathKey = tuple[str | int, ...]
@@ -230,7 +231,7 @@ def load_config(
         data = source
     else:
         raise ConfigError(
-            [Problem("", f"expected a YAML path or string, a mapping or a list, got {type(source).__name__}")]
+            [Problem(TOP, f"expected a YAML path or string, a mapping or a list, got {type(source).__name__}")]
         )
     if problems:
         raise ConfigError(problems)
@@ -249,7 +250,7 @@ def load_config(
         while line is None and probe:
             probe = probe[:-1]
             line = lines.get(probe)
-        problems.append(Problem(_fmt_path(path), message, src_name, line, criterion))
+        problems.append(Problem(_fmt_path(path) or TOP, message, src_name, line, criterion))
 
     entries_path, entries = _locate_losses(data, report)
     result: list[LossEntry] = []
