@@ -31,7 +31,9 @@ def _site_packages(python: Path | str) -> str:
     import subprocess
 
     code = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
-    return subprocess.run([str(python), "-c", code], check=True, capture_output=True, text=True).stdout.strip()
+    return subprocess.run(
+        [str(python), "-c", code], check=True, capture_output=True, text=True
+    ).stdout.strip()
 
 
 def _shared_env(session: nox.Session) -> str:
@@ -88,10 +90,19 @@ def integration(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff on the whole tree; mypy on every package."""
-    _install(session, "ruff>=0.6", "mypy>=1.10", "types-PyYAML", "packages/losskit", *(f"packages/losskit-{p}" for p in PLUGINS))
+    _install(
+        session,
+        "ruff>=0.6",
+        "mypy>=1.10",
+        "types-PyYAML",
+        "packages/losskit",
+        *(f"packages/losskit-{p}" for p in PLUGINS),
+    )
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
-    session.run("mypy", *(f"packages/{d.name}/src" for d in sorted((ROOT / "packages").iterdir()) if d.is_dir()))
+    session.run(
+        "mypy", *(f"packages/{d.name}/src" for d in sorted((ROOT / "packages").iterdir()) if d.is_dir())
+    )
 
 
 @nox.session(default=False)

@@ -56,10 +56,14 @@ def test_describe_markdown(registry: losskit.Registry, capsys: pytest.CaptureFix
 
 def test_describe_unknown(registry: losskit.Registry, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["describe", "scaled_l3"], registry=registry) == 1
-    assert "losskit: error: unknown criterion 'scaled_l3'; did you mean 'scaled_l2'?" in capsys.readouterr().err
+    assert (
+        "losskit: error: unknown criterion 'scaled_l3'; did you mean 'scaled_l2'?" in capsys.readouterr().err
+    )
 
 
-def test_check(files: tuple[Path, Path], registry: losskit.Registry, capsys: pytest.CaptureFixture[str]) -> None:
+def test_check(
+    files: tuple[Path, Path], registry: losskit.Registry, capsys: pytest.CaptureFixture[str]
+) -> None:
     good, bad = files
     assert main(["check", str(good)], registry=registry) == 0
     assert f"{good}: ok: scaled_l2 (x1), two_terms (x2)" in capsys.readouterr().out
@@ -75,7 +79,9 @@ def test_check_missing_file(registry: losskit.Registry, capsys: pytest.CaptureFi
     assert "config file not found: 'missing.yaml'" in capsys.readouterr().out
 
 
-def test_run(files: tuple[Path, Path], registry: losskit.Registry, capsys: pytest.CaptureFixture[str]) -> None:
+def test_run(
+    files: tuple[Path, Path], registry: losskit.Registry, capsys: pytest.CaptureFixture[str]
+) -> None:
     good, _ = files
     assert main(["run", str(good), "--iters", "3", "--epoch", "1"], registry=registry) == 0
     out = capsys.readouterr().out
@@ -95,7 +101,11 @@ def test_run(files: tuple[Path, Path], registry: losskit.Registry, capsys: pytes
     ],
 )
 def test_run_bad_arguments(
-    args: list[str], message: str, files: tuple[Path, Path], registry: losskit.Registry, capsys: pytest.CaptureFixture[str]
+    args: list[str],
+    message: str,
+    files: tuple[Path, Path],
+    registry: losskit.Registry,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     if "cuda" in args[-1]:
         import torch
@@ -106,7 +116,9 @@ def test_run_bad_arguments(
     assert message in capsys.readouterr().err
 
 
-def test_run_invalid_config(files: tuple[Path, Path], registry: losskit.Registry, capsys: pytest.CaptureFixture[str]) -> None:
+def test_run_invalid_config(
+    files: tuple[Path, Path], registry: losskit.Registry, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["run", str(files[1])], registry=registry) == 1
     assert "invalid loss config: 2 problems" in capsys.readouterr().err
 
@@ -124,7 +136,9 @@ def test_console_script_is_installed(tmp_path: Path) -> None:
     result = subprocess.run([str(exe), "run", str(config), "--iters", "2"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "charbonnier_loss" in result.stdout
-    result = subprocess.run([str(exe), "check", str(config), str(tmp_path / "no.yaml")], capture_output=True, text=True)
+    result = subprocess.run(
+        [str(exe), "check", str(config), str(tmp_path / "no.yaml")], capture_output=True, text=True
+    )
     assert result.returncode == 1
     result = subprocess.run([str(exe), "--version"], capture_output=True, text=True)
     assert result.stdout.strip() == f"losskit {losskit.__version__}"

@@ -69,7 +69,10 @@ def test_same_criterion_twice_under_two_names(registry: losskit.Registry) -> Non
 
 def test_set_epoch_reaches_every_criterion(registry: losskit.Registry) -> None:
     loss = losskit.build_losses(
-        [{"criterion": "two_terms", "name": "t1"}, {"criterion": "two_terms", "name": "t2", "b_from_epoch": 3}],
+        [
+            {"criterion": "two_terms", "name": "t1"},
+            {"criterion": "two_terms", "name": "t2", "b_from_epoch": 3},
+        ],
         registry=registry,
     )
     out, target = batch()

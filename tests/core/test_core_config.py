@@ -81,7 +81,9 @@ def test_absent_weight_is_one(registry: losskit.Registry) -> None:
 
 
 def test_lists_become_tuples_and_ints_widen_to_float(registry: losskit.Registry) -> None:
-    cfg = losskit.load_config([{"criterion": "scaled_l2", "class_weights": [1, 2.5], "scale": 2}], registry=registry)
+    cfg = losskit.load_config(
+        [{"criterion": "scaled_l2", "class_weights": [1, 2.5], "scale": 2}], registry=registry
+    )
     assert cfg.entries[0].config.class_weights == (1.0, 2.5)
     assert cfg.entries[0].config.scale == 2.0 and isinstance(cfg.entries[0].config.scale, float)
 
@@ -110,7 +112,10 @@ def test_missing_file(registry: losskit.Registry) -> None:
 @pytest.mark.parametrize(
     ("source", "expected"),
     [
-        ("model:\n  name: x\n", "line 1: model: missing 'losses' (a list of loss entries); model has keys 'name'"),
+        (
+            "model:\n  name: x\n",
+            "line 1: model: missing 'losses' (a list of loss entries); model has keys 'name'",
+        ),
         ("foo: 1\n", "no loss list found: expected 'model.losses', 'losses' or a bare list; got keys 'foo'"),
         ("losses: []\n", "line 1: losses: the list of losses is empty"),
         ("model:\n  losses:\n", "line 2: model.losses: expected a list of loss entries, got null"),
@@ -168,7 +173,11 @@ def test_unknown_field_did_you_mean_and_valid_fields(registry: losskit.Registry)
     ("field", "value", "expected"),
     [
         ("scale", "'0.5'", "expected a float, got '0.5' (a string); write it as a number without quotes"),
-        ("scale", "1e-3", "expected a float, got '1e-3' (a string); write it as a number without quotes (YAML reads exponents like 1e-3 as strings: write 1.0e-3)"),
+        (
+            "scale",
+            "1e-3",
+            "expected a float, got '1e-3' (a string); write it as a number without quotes (YAML reads exponents like 1e-3 as strings: write 1.0e-3)",
+        ),
         ("scale", "true", "expected a float, got True (a bool)"),
         ("scale", "[1, 2]", "expected a float, got [1, 2] (a list)"),
         ("scale", "{a: 1}", "expected a float, got {'a': 1} (a mapping)"),
@@ -185,7 +194,9 @@ def test_unknown_field_did_you_mean_and_valid_fields(registry: losskit.Registry)
         ("class_weights", "[1.0, -2.0]", "item [1]: -2 is out of range; allowed: >= 0"),
     ],
 )
-def test_field_type_and_range_errors(field: str, value: str, expected: str, registry: losskit.Registry) -> None:
+def test_field_type_and_range_errors(
+    field: str, value: str, expected: str, registry: losskit.Registry
+) -> None:
     msg = one_problem(f"model:\n  losses:\n    - criterion: scaled_l2\n      {field}: {value}\n", registry)
     assert msg == f"line 4: model.losses[0].{field} (scaled_l2): {expected}"
 
@@ -236,14 +247,19 @@ def test_same_criterion_twice_with_names(registry: losskit.Registry) -> None:
 def test_python_tags_are_rejected(registry: losskit.Registry) -> None:
     src = "losses:\n  - criterion: scaled_l2\n    scale: !!python/object/apply:os.system ['echo hacked']\n"
     msg = one_problem(src, registry)
-    assert msg.startswith("line 3: losses[0].scale: YAML tag 'tag:yaml.org,2002:python/object/apply:os.system' is not allowed")
+    assert msg.startswith(
+        "line 3: losses[0].scale: YAML tag 'tag:yaml.org,2002:python/object/apply:os.system' is not allowed"
+    )
     msg = one_problem("losses: !!python/name:os.system\n", registry)
     assert "is not allowed (configs are read with a safe loader)" in msg
 
 
 def test_duplicate_yaml_keys_are_reported(registry: losskit.Registry) -> None:
     msg = one_problem("losses:\n  - criterion: scaled_l2\n    scale: 1.0\n    scale: 2.0\n", registry)
-    assert msg == "line 4: losses[0].scale: duplicate key 'scale' (first at line 3); YAML would keep only the last"
+    assert (
+        msg
+        == "line 4: losses[0].scale: duplicate key 'scale' (first at line 3); YAML would keep only the last"
+    )
 
 
 def test_recursive_alias_is_reported(registry: losskit.Registry) -> None:

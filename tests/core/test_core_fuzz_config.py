@@ -20,9 +20,29 @@ scalars = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=12),
 )
-keys = st.sampled_from(["criterion", "weight", "name", "scale", "gamma", "mode", "class_weights", "steps", "flag", "b_from_epoch", "losses", "model", "x"])
+keys = st.sampled_from(
+    [
+        "criterion",
+        "weight",
+        "name",
+        "scale",
+        "gamma",
+        "mode",
+        "class_weights",
+        "steps",
+        "flag",
+        "b_from_epoch",
+        "losses",
+        "model",
+        "x",
+    ]
+)
 criteria = st.sampled_from(["scaled_l2", "two_terms", "nope", "focal_loss", ""])
-values = st.recursive(scalars, lambda children: st.lists(children, max_size=4) | st.dictionaries(keys, children, max_size=4), max_leaves=12)
+values = st.recursive(
+    scalars,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(keys, children, max_size=4),
+    max_leaves=12,
+)
 
 entry = st.fixed_dictionaries(
     {"criterion": criteria},
@@ -42,7 +62,9 @@ entry = st.fixed_dictionaries(
 configs = st.one_of(
     st.lists(st.one_of(entry, values), max_size=4),
     st.fixed_dictionaries({"losses": st.one_of(st.lists(st.one_of(entry, values), max_size=4), values)}),
-    st.fixed_dictionaries({"model": st.one_of(st.fixed_dictionaries({"losses": st.lists(entry, max_size=3)}), values)}),
+    st.fixed_dictionaries(
+        {"model": st.one_of(st.fixed_dictionaries({"losses": st.lists(entry, max_size=3)}), values)}
+    ),
     values,
 )
 
@@ -61,13 +83,21 @@ def check(source: Any, registry: losskit.Registry) -> None:
     assert isinstance(loss, losskit.CompositeLoss) and len(loss) >= 1
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(configs)
 def test_python_structures_never_escape(registry: losskit.Registry, config: Any) -> None:
     check(config, registry)
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(configs)
 def test_yaml_dumps_never_escape(registry: losskit.Registry, config: Any) -> None:
     try:
@@ -77,7 +107,11 @@ def test_yaml_dumps_never_escape(registry: losskit.Registry, config: Any) -> Non
     check(text, registry)
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(st.text(alphabet=st.sampled_from(list("losses:- criterion_l2\n  {}[]&*!?|>#'\"0.5~,")), max_size=80))
 def test_random_yaml_text_never_escapes(registry: losskit.Registry, text: str) -> None:
     if "\n" not in text and text.endswith((".yaml", ".yml")):

@@ -55,7 +55,9 @@ class FakeEntryPoint:
         return importlib.import_module(self.value)
 
 
-def plugin(make_module: Any, module: str, crit: str, cls: str = "Crit", doc: str = "A test criterion.") -> str:
+def plugin(
+    make_module: Any, module: str, crit: str, cls: str = "Crit", doc: str = "A test criterion."
+) -> str:
     return make_module(module, PLUGIN_SOURCE.format(cls=cls, crit=crit, doc=doc))
 
 
@@ -120,7 +122,9 @@ def test_plugin_failing_to_import_is_reported_and_others_work(make_module: Any) 
     (failure,) = reg.failures
     assert failure.plugin == "broken"
     assert failure.distribution == "losskit-broken"
-    assert "plugin 'broken' (losskit-broken 0.9) failed to load: ImportError: needs torch_scatter" == str(failure)
+    assert str(
+        failure
+    ) == "plugin 'broken' (losskit-broken 0.9) failed to load: ImportError: needs torch_scatter"
     with pytest.raises(losskit.UnknownCriterionError) as info:
         reg.get("broken_loss")
     message = str(info.value)
@@ -157,7 +161,10 @@ def test_misspelled_hookimpl_fails_loudly(make_module: Any) -> None:
     )
     plugin(make_module, "ok_plugin", "ok_loss")
     reg = losskit.Registry(
-        entry_points=[FakeEntryPoint("typo", "typo_plugin", "losskit-typo"), FakeEntryPoint("ok", "ok_plugin")]
+        entry_points=[
+            FakeEntryPoint("typo", "typo_plugin", "losskit-typo"),
+            FakeEntryPoint("ok", "ok_plugin"),
+        ]
     )
     assert reg.names() == ["ok_loss"]
     (failure,) = reg.failures

@@ -44,7 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="report stale pages; write nothing")
     args = parser.parse_args(argv)
     pages = expected_pages(get_registry())
-    stale = [n for n, text in pages.items() if not (args.outdir / n).is_file() or (args.outdir / n).read_text() != text]
+    stale = [
+        n
+        for n, text in pages.items()
+        if not (args.outdir / n).is_file() or (args.outdir / n).read_text() != text
+    ]
     if args.check:
         for n in stale:
             print(f"stale: {args.outdir / n}; regenerate with `nox -s docs`")

@@ -72,7 +72,9 @@ def get_tensor(
     """``mapping[key]`` as a tensor, or an :class:`InputError` that says what was expected."""
     where = f"{side}[{key!r}]"
     if not isinstance(mapping, Mapping):
-        raise InputError(criterion, side, f"expected a mapping with key {key!r}, got {type(mapping).__name__}")
+        raise InputError(
+            criterion, side, f"expected a mapping with key {key!r}, got {type(mapping).__name__}"
+        )
     if key not in mapping:
         keys = ", ".join(repr(k) for k in mapping) or "none"
         raise InputError(criterion, where, f"missing; {side} has keys {keys}; expected: {expected}")
@@ -80,5 +82,7 @@ def get_tensor(
     if not isinstance(value, Tensor):
         raise InputError(criterion, where, f"expected a tensor ({expected}), got {type(value).__name__}")
     if float_only and not value.is_floating_point():
-        raise InputError(criterion, where, f"expected a floating-point tensor ({expected}), got {value.dtype}")
+        raise InputError(
+            criterion, where, f"expected a floating-point tensor ({expected}), got {value.dtype}"
+        )
     return value

@@ -93,9 +93,7 @@ def _cmd_run(args: argparse.Namespace, registry: Registry, stdout: TextIO, stder
     for name in composite:
         out, target = composite[name].example(args.batch_size, device=device, generator=generator)
         examples[name] = (out, target)
-    leaves = [
-        t for out, _ in examples.values() for t in _tensors(out) if t.requires_grad and t.is_leaf
-    ]
+    leaves = [t for out, _ in examples.values() for t in _tensors(out) if t.requires_grad and t.is_leaf]
     times: list[float] = []
     show_bar = stdout.isatty()
     result = None
@@ -119,7 +117,10 @@ def _cmd_run(args: argparse.Namespace, registry: Registry, stdout: TextIO, stder
         return 1
     rows = [(key, f"{float(v):.6g}") for key, v in result.parts.items()]
     rows += [(key, f"{float(v):.6g}") for key, v in result.diagnostics.items()]
-    print(f"config: {args.config}  device: {device}  batch size: {args.batch_size}  iterations: {args.iters}", file=stdout)
+    print(
+        f"config: {args.config}  device: {device}  batch size: {args.batch_size}  iterations: {args.iters}",
+        file=stdout,
+    )
     print(_table(rows, ("part", "value")), file=stdout)
     grads_ok = all(t.grad is not None and bool(torch.isfinite(t.grad).all()) for t in leaves)
     median_ms = statistics.median(times) * 1e3

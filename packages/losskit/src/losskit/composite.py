@@ -97,18 +97,28 @@ class CompositeLoss(nn.Module):
         expected = criterion.term_names()
         if isinstance(result, Tensor):
             if expected:
-                raise LosskitError(f"{criterion.name}: returned one tensor but declares terms {list(expected)}")
+                raise LosskitError(
+                    f"{criterion.name}: returned one tensor but declares terms {list(expected)}"
+                )
             if result.dim() != 0:
-                raise LosskitError(f"{criterion.name}: returned a tensor of shape {tuple(result.shape)}, not a scalar")
+                raise LosskitError(
+                    f"{criterion.name}: returned a tensor of shape {tuple(result.shape)}, not a scalar"
+                )
             return result
         if not isinstance(result, Mapping):
-            raise LosskitError(f"{criterion.name}: returned {type(result).__name__}, not a tensor or a mapping")
+            raise LosskitError(
+                f"{criterion.name}: returned {type(result).__name__}, not a tensor or a mapping"
+            )
         if tuple(result) != tuple(expected):
-            raise LosskitError(f"{criterion.name}: returned terms {list(result)} but declares {list(expected)}")
+            raise LosskitError(
+                f"{criterion.name}: returned terms {list(result)} but declares {list(expected)}"
+            )
         value: Tensor | None = None
         for term, t in result.items():
             if t.dim() != 0:
-                raise LosskitError(f"{criterion.name}: term {term!r} has shape {tuple(t.shape)}, not a scalar")
+                raise LosskitError(
+                    f"{criterion.name}: term {term!r} has shape {tuple(t.shape)}, not a scalar"
+                )
             parts[f"{name}/{term}"] = t.detach()
             value = t if value is None else value + t
         diag = result.diagnostics if isinstance(result, LossTerms) else {}

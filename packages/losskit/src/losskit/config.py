@@ -119,7 +119,8 @@ class _Reader:
                 self.key_lines.setdefault(sub, key_node.start_mark.line + 1)
                 if key in result:
                     self.problem(
-                        sub, key_node.start_mark.line + 1,
+                        sub,
+                        key_node.start_mark.line + 1,
                         f"duplicate key {key!r} (first at line {self.key_lines[sub]}); YAML would keep only the last",
                     )
                     continue
@@ -135,7 +136,8 @@ class _Reader:
         except yaml.YAMLError as exc:
             tag = getattr(node, "tag", "?")
             self.problem(
-                path, node.start_mark.line + 1,
+                path,
+                node.start_mark.line + 1,
                 f"YAML tag {tag!r} is not allowed (configs are read with a safe loader): "
                 f"{getattr(exc, 'problem', None) or exc}",
             )
@@ -147,7 +149,9 @@ class _TooLarge(Exception):
         self.line = line
 
 
-def _parse_yaml(text: str, source: str | None, problems: list[Problem]) -> tuple[Any, dict[PathKey, int], dict[PathKey, int]]:
+def _parse_yaml(
+    text: str, source: str | None, problems: list[Problem]
+) -> tuple[Any, dict[PathKey, int], dict[PathKey, int]]:
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
@@ -166,7 +170,9 @@ def _parse_yaml(text: str, source: str | None, problems: list[Problem]) -> tuple
     try:
         data = reader.read(node, ())
     except _TooLarge as exc:
-        problems.append(Problem("", f"the config has more than {_MAX_NODES} YAML nodes (alias bomb?)", source, exc.line))
+        problems.append(
+            Problem("", f"the config has more than {_MAX_NODES} YAML nodes (alias bomb?)", source, exc.line)
+        )
         return None, {}, {}
     return data, reader.lines, reader.key_lines
 
@@ -213,7 +219,9 @@ def load_config(
     if isinstance(source, LossConfig):
         data, src_name, lines = source.raw, source.source, dict(source.lines)
         key_lines = lines
-    elif isinstance(source, (os.PathLike, str)) and (isinstance(source, os.PathLike) or _looks_like_path(source)):
+    elif isinstance(source, (os.PathLike, str)) and (
+        isinstance(source, os.PathLike) or _looks_like_path(source)
+    ):
         path = Path(source)
         src_name = str(source)
         try:
@@ -231,7 +239,11 @@ def load_config(
         data = source
     else:
         raise ConfigError(
-            [Problem(TOP, f"expected a YAML path or string, a mapping or a list, got {type(source).__name__}")]
+            [
+                Problem(
+                    TOP, f"expected a YAML path or string, a mapping or a list, got {type(source).__name__}"
+                )
+            ]
         )
     if problems:
         raise ConfigError(problems)
@@ -282,7 +294,9 @@ def _locate_losses(data: Any, report: Any) -> tuple[PathKey, Any]:
             return (), None
         else:
             keys = ", ".join(repr(k) for k in data) or "none"
-            report((), f"no loss list found: expected 'model.losses', 'losses' or a bare list; got keys {keys}")
+            report(
+                (), f"no loss list found: expected 'model.losses', 'losses' or a bare list; got keys {keys}"
+            )
             return (), None
     else:
         report((), f"expected a mapping with 'losses' or a list of loss entries, got {_given(data)}")

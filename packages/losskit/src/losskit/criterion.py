@@ -23,9 +23,7 @@ class LossTerms(dict[str, Tensor]):
     not loss terms (e.g. the number of foreground anchors), detached.
     """
 
-    def __init__(
-        self, terms: Mapping[str, Tensor], diagnostics: Mapping[str, Tensor] | None = None
-    ) -> None:
+    def __init__(self, terms: Mapping[str, Tensor], diagnostics: Mapping[str, Tensor] | None = None) -> None:
         super().__init__(terms)
         self.diagnostics: dict[str, Tensor] = dict(diagnostics or {})
 

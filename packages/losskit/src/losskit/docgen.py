@@ -70,7 +70,16 @@ def render_markdown(info: CriterionInfo) -> str:
     if cls.diagnostics:
         lines.append("")
         lines.append("Diagnostics (not loss terms): " + ", ".join(f"`{d}`" for d in cls.diagnostics) + ".")
-    lines += ["", "## Example", "", "```yaml", "model:", "  losses:", f"    - criterion: {info.name}", "      weight: ~"]
+    lines += [
+        "",
+        "## Example",
+        "",
+        "```yaml",
+        "model:",
+        "  losses:",
+        f"    - criterion: {info.name}",
+        "      weight: ~",
+    ]
     for f in fields:
         lines.append(f"      {f.name}: {yaml_value(f.default)}")
     lines += ["```", ""]

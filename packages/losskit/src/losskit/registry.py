@@ -18,7 +18,6 @@ import threading
 import traceback
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-
 from typing import Any
 
 import pluggy
@@ -185,7 +184,9 @@ class Registry:
         try:
             module = importlib.import_module(modname)
         except Exception as exc:
-            self._failures.append(PluginFailure(modname, None, None, _error_text(exc), traceback.format_exc()))
+            self._failures.append(
+                PluginFailure(modname, None, None, _error_text(exc), traceback.format_exc())
+            )
             return
         self._register_module(module, modname, None, None)
 
@@ -193,7 +194,9 @@ class Registry:
         try:
             self.pm.register(plugin, name=name)
         except Exception as exc:
-            self._failures.append(PluginFailure(name, dist, version, _error_text(exc), traceback.format_exc()))
+            self._failures.append(
+                PluginFailure(name, dist, version, _error_text(exc), traceback.format_exc())
+            )
             return
         self._dists[name] = (dist, version)
 
@@ -307,7 +310,9 @@ class Registry:
             )
         info = self._criteria.get(name)
         if info is None:
-            raise UnknownCriterionError(self.unknown_message(name), name=name, suggestions=self._suggest(name))
+            raise UnknownCriterionError(
+                self.unknown_message(name), name=name, suggestions=self._suggest(name)
+            )
         return info
 
     def _suggest(self, name: str) -> list[str]:
@@ -397,5 +402,3 @@ def register_criterion(
         return cls
 
     return apply if criterion is None else apply(criterion)
-
-

@@ -253,14 +253,14 @@ def _coerce_scalar(value: Any, tp: Any, c: _Constraint) -> Any:
         return value
     if typing.get_origin(tp) is Literal:
         allowed = typing.get_args(tp)
-        if isinstance(value, bool) or value not in allowed or type(value) is not type(
-            next((a for a in allowed if a == value), value)
+        if (
+            isinstance(value, bool)
+            or value not in allowed
+            or type(value) is not type(next((a for a in allowed if a == value), value))
         ):
             close = suggest(value, [str(a) for a in allowed]) if isinstance(value, str) else None
             hint = f"; did you mean {close!r}?" if close else ""
-            raise _Invalid(
-                f"got {_given(value)}{hint}; allowed: {', '.join(repr(a) for a in allowed)}"
-            )
+            raise _Invalid(f"got {_given(value)}{hint}; allowed: {', '.join(repr(a) for a in allowed)}")
         return value
     raise TypeError(f"unsupported schema annotation {tp!r}")  # a bug in the criterion, not user input
 

@@ -30,7 +30,15 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: Sequence[Any], outdir: str, timeout: float) -> None:
+def _worker(
+    rank: int,
+    world_size: int,
+    port: int,
+    fn: Callable[..., Any],
+    args: Sequence[Any],
+    outdir: str,
+    timeout: float,
+) -> None:
     import datetime
 
     os.environ["MASTER_ADDR"] = "127.0.0.1"
@@ -63,4 +71,6 @@ def run_on_ranks(
             join=True,
             start_method="spawn",
         )
-        return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+        return [
+            torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)
+        ]

@@ -35,15 +35,21 @@ class CharbonnierLoss(losskit.Criterion):
         reduction: Literal["mean", "sum"] = losskit.option("mean", doc="Reduction over elements.")
 
     def forward(self, out: Any, target: Any) -> Tensor:
-        pred = get_tensor(out, "pred", criterion=self.name, side="out", expected="(N, *) float", float_only=True)
+        pred = get_tensor(
+            out, "pred", criterion=self.name, side="out", expected="(N, *) float", float_only=True
+        )
         tgt = get_tensor(target, "target", criterion=self.name, side="target", expected="same shape as pred")
         if tgt.shape != pred.shape:
             raise losskit.InputError(
-                self.name, "target['target']", f"expected shape {fmt_shape(pred.shape)} like out['pred'], got {fmt_shape(tgt.shape)}"
+                self.name,
+                "target['target']",
+                f"expected shape {fmt_shape(pred.shape)} like out['pred'], got {fmt_shape(tgt.shape)}",
             )
         return charbonnier_loss(pred, tgt, self.config.eps, self.config.reduction)
 
-    def example(self, batch_size: int = 2, *, device: Any = None, generator: torch.Generator | None = None) -> Any:
+    def example(
+        self, batch_size: int = 2, *, device: Any = None, generator: torch.Generator | None = None
+    ) -> Any:
         pred = torch.randn(batch_size, 3, 8, 8, generator=generator).to(device).requires_grad_()
         target = torch.randn(batch_size, 3, 8, 8, generator=generator).to(device)
         return {"pred": pred}, {"target": target}
