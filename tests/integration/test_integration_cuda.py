@@ -1,0 +1,43 @@
+# SPDX-License-Identifier: Apache-2.0
+"""GPU-only checks (skipped on machines without CUDA, such as CI here): no host-device sync in any
+criterion's forward/backward under ``torch.cuda.set_sync_debug_mode("error")``, fp16/bf16 autocast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import losskit
+from losskit.registry import FIRST_PARTY
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("name", sorted(FIRST_PARTY))
+def test_no_host_sync_on_cuda(name: str) -> None:
+    loss = losskit.build_losses([{"criterion": name}], device="cuda")
+    out, target = loss[name].example(4, device="cuda", generator=torch.Generator().manual_seed(0))
+    loss(out, target)  # warm-up: lazy init may sync once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        result = loss(out, target)
+        result.total.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(result.total).item()
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", sorted(FIRST_PARTY))
+def test_autocast_on_cuda(name: str, dtype: torch.dtype) -> None:
+    loss = losskit.build_losses([{"criterion": name}], device="cuda")
+    out, target = loss[name].example(4, device="cuda", generator=torch.Generator().manual_seed(0))
+    reference = loss(out, target).total
+    with torch.autocast("cuda", dtype=dtype):
+        value = loss(out, target).total
+    value.backward()
+    assert torch.isfinite(value).item()
+    torch.testing.assert_close(value.float(), reference.float(), rtol=5e-2, atol=5e-2)
