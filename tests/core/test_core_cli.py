@@ -142,3 +142,31 @@ def test_console_script_is_installed(tmp_path: Path) -> None:
     assert result.returncode == 1
     result = subprocess.run([str(exe), "--version"], capture_output=True, text=True)
     assert result.stdout.strip() == f"losskit {losskit.__version__}"
+
+
+def test_run_shows_a_progress_bar_on_a_terminal(tmp_path: Path) -> None:
+    import os
+    import pty
+
+    config = tmp_path / "c.yaml"
+    config.write_text("losses:\n  - criterion: charbonnier_loss\n")
+    exe = Path(sys.executable).with_name("losskit")
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.run([str(exe), "run", str(config), "--iters", "4"], stdout=follower, stderr=subprocess.PIPE, timeout=120)
+        os.close(follower)
+        chunks = []
+        while True:
+            try:
+                data = os.read(leader, 4096)
+            except OSError:
+                break
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        os.close(leader)
+    text = b"".join(chunks).decode()
+    assert proc.returncode == 0, proc.stderr
+    assert "] 4/4" in text and "#" * 30 in text
+    assert "charbonnier_loss" in text
