@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0:
         print(f"world size {world}: loss {first:.4f} -> {last:.4f}; final accuracy {accuracy:.3f}", flush=True)
     if distributed:
+        del model, optimizer  # release DDP's reducer before its process group goes away
+        dist.barrier()
         dist.destroy_process_group()
     return 0
 
