@@ -1,0 +1,161 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Matcher edge cases: the batched matching equals torchvision's Matcher image by image."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.ops import box_iou
+
+sys.path.insert(0, str(Path(__file__).parent))
+import retinanet_testlib as tl
+
+from losskit_detection_retinanet import RetinaNetLoss
+from losskit_detection_retinanet._match import batched_box_iou, match_anchors, pad_gt
+
+
+def _match(anchors, boxes_per_image, **cfg):
+    b = len(boxes_per_image)
+    crit = RetinaNetLoss(**cfg)
+    out = {
+        "cls_logits": torch.zeros(b, anchors.shape[0], 2),
+        "bbox_regression": torch.zeros(b, anchors.shape[0], 4),
+        "anchors": anchors,
+    }
+    gt = [{"boxes": x, "labels": torch.zeros(x.shape[0], dtype=torch.int64)} for x in boxes_per_image]
+    return crit.match(out, {"gt": gt})
+
+
+def _reference(anchors, boxes_per_image, **cfg):
+    return torch.stack([tl.torchvision_matches(x, anchors, **cfg) for x in boxes_per_image])
+
+
+ANCHORS = torch.tensor(
+    [
+        [0.0, 0.0, 10.0, 10.0],
+        [0.0, 0.0, 10.0, 10.0],  # duplicate anchor: ties for every gt
+        [5.0, 5.0, 15.0, 15.0],
+        [20.0, 20.0, 30.0, 30.0],
+        [40.0, 40.0, 60.0, 60.0],
+        [100.0, 100.0, 110.0, 110.0],
+    ]
+)
+
+
+def test_low_quality_gt_keeps_its_best_anchors_including_ties():
+    # overlaps anchors 0 and 1 (tie) with IoU 0.25 only: below both thresholds
+    gt = torch.tensor([[0.0, 0.0, 5.0, 5.0]])
+    got = _match(ANCHORS, [gt])
+    assert got[0, :2].tolist() == [0, 0]
+    assert torch.equal(got, _reference(ANCHORS, [gt]))
+    off = _match(ANCHORS, [gt], allow_low_quality_matches=False)
+    assert off[0, :2].tolist() == [-1, -1]
+    assert torch.equal(off, _reference(ANCHORS, [gt], allow_low_quality_matches=False))
+
+
+def test_ties_between_gts_take_the_first():
+    gt = torch.tensor([[20.0, 20.0, 30.0, 30.0], [20.0, 20.0, 30.0, 30.0], [40.0, 40.0, 60.0, 60.0]])
+    got = _match(ANCHORS, [gt])
+    assert got[0, 3] == 0 and got[0, 4] == 2
+    assert torch.equal(got, _reference(ANCHORS, [gt]))
+
+
+def test_equal_thresholds_leave_nothing_ignored():
+    gt = torch.tensor([[0.0, 0.0, 12.0, 12.0], [22.0, 22.0, 34.0, 34.0]])
+    got = _match(ANCHORS, [gt], fg_iou_thresh=0.45, bg_iou_thresh=0.45, allow_low_quality_matches=False)
+    assert not bool((got == -2).any())
+    ref = _reference(ANCHORS, [gt], fg_iou_thresh=0.45, bg_iou_thresh=0.45, allow_low_quality_matches=False)
+    assert torch.equal(got, ref)
+
+
+def test_between_thresholds_is_ignored():
+    gt = torch.tensor([[20.0, 20.0, 32.0, 31.0]])  # IoU 100/132 = 0.76 with anchor 3
+    got = _match(ANCHORS, [gt], fg_iou_thresh=0.8, bg_iou_thresh=0.5, allow_low_quality_matches=False)
+    assert got[0, 3] == -2
+
+
+def test_gt_overlapping_no_anchor_matches_every_zero_iou_anchor_like_torchvision():
+    """torchvision's quirk, kept for parity: a gt whose best IoU is 0 ties with every anchor at 0."""
+    gt = torch.tensor([[200.0, 200.0, 210.0, 210.0], [0.0, 0.0, 10.0, 10.0]])
+    got = _match(ANCHORS, [gt])
+    assert torch.equal(got, _reference(ANCHORS, [gt]))
+    assert bool((got >= 0).all())
+
+
+def test_empty_images_and_empty_batch():
+    gt = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+    got = _match(ANCHORS, [torch.zeros(0, 4), gt, torch.zeros(0, 4)])
+    assert bool((got[0] == -1).all()) and bool((got[2] == -1).all())
+    assert torch.equal(got, _reference(ANCHORS, [torch.zeros(0, 4), gt, torch.zeros(0, 4)]))
+    none = _match(ANCHORS, [torch.zeros(0, 4), torch.zeros(0, 4)])
+    assert none.shape == (2, 6) and bool((none == -1).all())
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_integer_grid_random_cases(seed):
+    """Integer coordinates on a coarse grid: many exact ties, between gts and between anchors."""
+    g = torch.Generator().manual_seed(seed)
+
+    def boxes(n):
+        xy = torch.randint(0, 8, (n, 2), generator=g).float() * 4
+        wh = torch.randint(1, 5, (n, 2), generator=g).float() * 4
+        return torch.cat([xy, xy + wh], 1)
+
+    anchors = boxes(60)
+    gts = [boxes(int(n)) for n in torch.randint(0, 9, (4,), generator=g)]
+    for cfg in ({}, {"allow_low_quality_matches": False}, {"fg_iou_thresh": 0.3, "bg_iou_thresh": 0.3}):
+        assert torch.equal(_match(anchors, gts, **cfg), _reference(anchors, gts, **cfg))
+
+
+def test_batched_iou_is_bit_identical_to_box_iou():
+    anchors, _ = tl.real_anchors(128)
+    g = torch.Generator().manual_seed(0)
+    per_image = [tl.random_boxes(n, 128, g) for n in (5, 0, 9)]
+    padded, _, valid = pad_gt(
+        per_image,
+        [torch.zeros(len(x), dtype=torch.int64) for x in per_image],
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+    )
+    iou = batched_box_iou(padded, anchors)
+    for i, x in enumerate(per_image):
+        assert torch.equal(iou[i, : len(x)], box_iou(x, anchors))
+    stacked = torch.stack([anchors, anchors + 1.0, anchors * 0.5])
+    iou3 = batched_box_iou(padded, stacked)
+    for i, x in enumerate(per_image):
+        assert torch.equal(iou3[i, : len(x)], box_iou(x, stacked[i]))
+    assert iou.shape == (3, 9, anchors.shape[0]) and not valid[1].any()
+
+
+def test_match_function_directly_on_padding():
+    boxes, _, valid = pad_gt(
+        [torch.tensor([[0.0, 0.0, 10.0, 10.0]]), torch.zeros(0, 4)],
+        [torch.tensor([1]), torch.zeros(0, dtype=torch.int64)],
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+    )
+    m = match_anchors(
+        boxes, valid, ANCHORS, fg_iou_thresh=0.5, bg_iou_thresh=0.4, allow_low_quality_matches=True
+    )
+    assert m.dtype == torch.int64 and m.shape == (2, 6)
+    assert m[0, :2].tolist() == [0, 0] and bool((m[1] == -1).all())
+
+
+@pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0, 1.0), (10.0, 10.0, 5.0, 5.0)])
+def test_box_coding_is_bit_identical_to_boxcoder(weights):
+    from torchvision.models.detection._utils import BoxCoder
+
+    from losskit_detection_retinanet._match import decode, encode
+
+    anchors, _ = tl.real_anchors(128)
+    g = torch.Generator().manual_seed(2)
+    boxes = tl.random_boxes(anchors.shape[0], 128, g)
+    deltas = torch.randn(anchors.shape[0], 4, generator=g) * 3.0  # some dw, dh above the clip
+    coder = BoxCoder(weights)
+    assert torch.equal(encode(boxes, anchors, weights), coder.encode_single(boxes, anchors))
+    assert torch.equal(
+        decode(deltas, anchors, weights, coder.bbox_xform_clip), coder.decode_single(deltas, anchors)
+    )
