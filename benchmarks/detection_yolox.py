@@ -1,0 +1,195 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Benchmark: losskit's batched ``yolox_loss`` against a per-image loop with YOLOX's structure.
+
+The baseline is ``tests/detection_yolox/yolox_reference.py`` (the reference the parity tests compare
+with): a Python loop over images, a ``(num_gt, candidates, C)`` class cost and a Python loop over
+ground truths, as in YOLOX's ``yolo_head.py``. Both run in this process on the same seeded inputs:
+
+* ``coco``: B=8, 640x640 input (8400 anchors, strides 8/16/32), C=80, boxes per image
+  12, 4, 20, 7, 50, 1, 0, 2 (mean 12, max 50);
+* ``crowded``: the same with 80-120 boxes per image (mean 100);
+* ``crowd500``: one image with 500 boxes (losskit only; the baseline's ``500 x 8400 x 80`` class cost
+  alone would take about 1.3 GB per copy).
+
+Times are medians over repeated runs (after one warm-up) of the forward pass (loss value, graph built)
+and of forward plus backward. Peak extra memory is the largest amount of CPU memory allocated by torch
+during one forward plus backward, above what was allocated before it (from the profiler's memory
+events). ``losskit`` sizes the candidate tensors exactly (``candidate_slots="exact"``, the CPU
+default); ``losskit static`` uses the bound known on the host (the accelerator default, no sync).
+The L1 term is on (all four terms computed).
+
+Run: ``flock /tmp/losskit-bench.lock python benchmarks/detection_yolox.py [--threads 1] [--reps 5]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from losskit_detection_yolox import YOLOXLoss
+
+HELPERS = Path(__file__).resolve().parents[1] / "tests" / "detection_yolox"
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, HELPERS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+cases = _load("yolox_cases")
+reference = _load("yolox_reference")
+
+SETTINGS: dict[str, dict[str, Any]] = {
+    "coco": {"counts": [12, 4, 20, 7, 50, 1, 0, 2]},
+    "crowded": {"counts": [100, 80, 120, 90, 110, 95, 105, 100]},
+    "crowd500": {"counts": [500], "baseline": False},
+}
+
+Loss = Callable[[list[torch.Tensor]], torch.Tensor]
+
+
+def implementations(target: dict[str, Any], num_classes: int) -> dict[str, Loss]:
+    ref = reference.ReferenceYOLOX(num_classes, use_l1=True)
+    exact = YOLOXLoss(candidate_slots="exact", l1_activate_epoch=0)
+    static = YOLOXLoss(candidate_slots="static", l1_activate_epoch=0)
+
+    def baseline(pred: list[torch.Tensor]) -> torch.Tensor:
+        terms, _ = ref(pred, target["gt"], target["img_size"])
+        return terms["iou"] + terms["obj"] + terms["cls"] + terms["l1"]
+
+    return {
+        "YOLOX-structured loop": baseline,
+        "losskit": lambda pred: exact({"pred": pred}, target).total(),
+        "losskit static": lambda pred: static({"pred": pred}, target).total(),
+    }
+
+
+def leaves(out: dict[str, Any]) -> list[torch.Tensor]:
+    return [p.detach().clone().requires_grad_(True) for p in out["pred"]]
+
+
+def timed(fn: Loss, out: dict[str, Any], reps: int, backward: bool) -> float:
+    times = []
+    for i in range(reps + 1):
+        pred = leaves(out)
+        start = time.perf_counter()
+        loss = fn(pred)
+        if backward:
+            loss.backward()
+        elapsed = time.perf_counter() - start
+        if i:  # the first run is a warm-up
+            times.append(elapsed)
+    return statistics.median(times)
+
+
+def peak_memory(fn: Loss, out: dict[str, Any]) -> int:
+    """Bytes: the peak of torch's CPU allocations during one forward + backward, above the start."""
+    pred = leaves(out)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn(pred).backward()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    memory = [e["args"] for e in events if e.get("name") == "[memory]"]
+    if not memory:
+        return 0
+    # "Total Allocated" keeps counting across profiler sessions: measure from the first event's level
+    start = memory[0]["Total Allocated"] - memory[0]["Bytes"]
+    return max(0, *(m["Total Allocated"] - start for m in memory))
+
+
+def parity(out: dict[str, Any], target: dict[str, Any], num_classes: int) -> tuple[float, bool]:
+    """Largest relative difference of the four terms, and whether the assignments are identical."""
+    ref_terms, ref_assign = reference.ReferenceYOLOX(num_classes, use_l1=True)(
+        leaves(out), target["gt"], target["img_size"]
+    )
+    crit = YOLOXLoss(l1_activate_epoch=0)
+    terms = crit({"pred": leaves(out)}, target)
+    worst = max(
+        abs(float(terms[k]) - float(ref_terms[k])) / max(abs(float(ref_terms[k])), 1e-12) for k in terms
+    )
+    a = crit.assign(out, target)
+    same = all(
+        torch.equal(a.fg_mask[i], r["fg_mask"]) and torch.equal(a.matched_gt[i], r["matched_gt"])
+        for i, r in enumerate(ref_assign)
+    )
+    return worst, same
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (default 1: stable numbers)"
+    )
+    parser.add_argument("--reps", type=int, default=5, help="timed runs per measurement (after one warm-up)")
+    parser.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    num_classes = 80
+    print(
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads={args.threads}, reps={args.reps}"
+    )
+    print()
+    print(
+        "| setting | implementation | fwd ms | fwd+bwd ms | peak extra MiB | speed-up fwd | speed-up fwd+bwd | memory vs loop |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    notes = []
+    for name in args.settings:
+        spec = SETTINGS[name]
+        out, target = cases.make_batch(
+            0,
+            batch=len(spec["counts"]),
+            num_classes=num_classes,
+            img=640,
+            counts=spec["counts"],
+            informed=0.5,
+        )
+        impls = implementations(target, num_classes)
+        if not spec.get("baseline", True):
+            impls.pop("YOLOX-structured loop")
+        else:
+            worst, same = parity(out, target, num_classes)
+            notes.append(
+                f"{name}: identical assignment: {same}; largest relative term difference {worst:.1e}"
+            )
+        rows = {}
+        for label, fn in impls.items():
+            reps = args.reps if label != "YOLOX-structured loop" or name == "coco" else max(2, args.reps // 2)
+            rows[label] = (timed(fn, out, reps, False), timed(fn, out, reps, True), peak_memory(fn, out))
+        base = rows.get("YOLOX-structured loop")
+        for label, (fwd, both, mem) in rows.items():
+            ratio = ("", "", "")
+            if base is not None and label != "YOLOX-structured loop":
+                ratio = (f"{base[0] / fwd:.1f}x", f"{base[1] / both:.1f}x", f"{mem / base[2]:.2f}x")
+            print(
+                f"| {name} | {label} | {fwd * 1e3:.1f} | {both * 1e3:.1f} | {mem / 2**20:.1f} | "
+                f"{ratio[0]} | {ratio[1]} | {ratio[2]} |"
+            )
+    print()
+    for note in notes:
+        print(note)
+
+
+if __name__ == "__main__":
+    main()
