@@ -1,0 +1,9 @@
+# SPDX-License-Identifier: Apache-2.0
+"""losskit plugin providing ``pidnet_loss``, the loss of PIDNet (Xu et al., CVPR 2023)."""
+
+from __future__ import annotations
+
+from losskit_segmentation_pidnet._upsampled_nll import upsampled_nll
+from losskit_segmentation_pidnet.pidnet import PIDNetLoss, pidnet_loss
+
+__all__ = ["PIDNetLoss", "pidnet_loss", "upsampled_nll"]
