@@ -1,0 +1,276 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Cross-entropy with class indices or soft labels: the ``cross_entropy`` criterion.
+
+A thin layer over torch's own kernels (same value and gradients as
+:func:`torch.nn.functional.cross_entropy`), which differs only where torch's result is not usable for
+training: a batch whose every element is ignored gives 0 with zero gradients (torch gives NaN),
+without a host-device synchronisation. Index targets run the two kernels ``F.cross_entropy`` runs
+(``log_softmax`` and the NLL forward, whose second output is the mean's denominator); soft labels call
+``F.cross_entropy`` itself.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from losskit import Criterion, InputError, option
+from losskit.checks import fmt_shape, get_tensor, value_checks_enabled
+from losskit.dist import global_mean
+
+__all__ = ["CrossEntropy", "cross_entropy"]
+
+#: Lower clamp of the normaliser: the loss sum is exactly 0 when nothing is counted, so any
+#: positive value gives 0; a tiny one keeps fractional cross-rank means (DDP) exact.
+_MIN_NORMALIZER = 1e-12
+
+
+def cross_entropy(
+    pred: Tensor,
+    target: Tensor,
+    *,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    normalize_across_ranks: bool = False,
+) -> Tensor:
+    """Mean cross-entropy, ``F.cross_entropy(..., reduction="mean")`` without NaN for all-ignored batches.
+
+    Args:
+        pred: ``(N, C)`` or ``(N, C, d1, ..., dk)`` logits (fp16/bf16 are computed in fp32).
+        target: integer class indices ``(N,)`` / ``(N, d1, ..., dk)``, or float class probabilities
+            of ``pred``'s shape (soft labels); the path is chosen from the dtype.
+        weight: ``(C,)`` per-class rescaling, or None.
+        ignore_index: class index whose elements are skipped (index targets only).
+        label_smoothing: in [0, 1], mixes the target with the uniform distribution.
+        normalize_across_ranks: divide by the mean over DDP ranks of the normaliser (index targets).
+
+    Returns:
+        A 0-dim tensor. Index targets: the sum of the (weighted, smoothed) per-element losses over
+        non-ignored elements divided by the sum of their class weights (their number without
+        weights), 0 when there is none. Soft labels: the mean over all ``N * d1 * ... * dk`` elements,
+        as torch computes it.
+    """
+    x = pred if pred.dtype in (torch.float32, torch.float64) else pred.float()
+    if weight is not None and (weight.dtype != x.dtype or weight.device != x.device):
+        weight = weight.to(device=x.device, dtype=x.dtype)
+    if target.is_floating_point():
+        t = target if target.dtype == x.dtype else target.to(x.dtype)
+        if t.numel() == 0:  # torch's mean over no element is NaN
+            return F.cross_entropy(x, t, weight=weight, label_smoothing=label_smoothing, reduction="sum")
+        return F.cross_entropy(x, t, weight=weight, label_smoothing=label_smoothing)
+    t = target if target.dtype == torch.int64 else target.long()
+    total, count = _index_cross_entropy_sum(x, t, weight, ignore_index, label_smoothing)
+    if normalize_across_ranks:
+        count = global_mean(count, enabled=True, min=_MIN_NORMALIZER)
+    else:
+        count = count.clamp_min(_MIN_NORMALIZER)
+    return total / count
+
+
+_nll_loss = torch.ops.aten.nll_loss_forward.default
+_nll_loss2d = torch.ops.aten.nll_loss2d_forward.default
+_SUM = 2  # at::Reduction::Sum
+
+
+def _index_cross_entropy_sum(
+    x: Tensor, t: Tensor, weight: Tensor | None, ignore_index: int, label_smoothing: float
+) -> tuple[Tensor, Tensor]:
+    """The summed loss of ``F.cross_entropy(..., reduction="sum")`` and its mean's denominator.
+
+    The denominator (the class-weight sum, or the count, of the non-ignored elements) is what torch's
+    NLL kernel already computes, so it costs nothing: ``log_softmax`` and the NLL forward are the two
+    kernels ``F.cross_entropy`` runs, called directly to keep that second output.
+    """
+    logp = torch.log_softmax(x, 1)
+    if x.dim() == 2:
+        nll, count = _nll_loss(logp, t, weight, _SUM, ignore_index)
+    else:  # (N, C, d1, ..., dk) as the (N, C, H, W) the 2-D kernel takes: views, no copy
+        n, c, d = x.shape[0], x.shape[1], math.prod(x.shape[2:])
+        nll, count = _nll_loss2d(logp.reshape(n, c, d, 1), t.reshape(n, d, 1), weight, _SUM, ignore_index)
+    if label_smoothing == 0.0:
+        return nll, count
+    # smoothing: the uniform target's loss -sum_c w_c logp_c over the non-ignored elements
+    if weight is None:
+        smooth = logp.sum(1)
+    else:
+        smooth = (logp * weight.view(-1, *([1] * (x.dim() - 2)))).sum(1)
+    smooth = -smooth.masked_fill(t == ignore_index, 0.0).sum()
+    total = nll * (1.0 - label_smoothing) + smooth * (label_smoothing / x.shape[1])
+    return total, count
+
+
+class CrossEntropy(Criterion):
+    """Cross-entropy over class logits, the mean over non-ignored elements, as ``torch.nn.CrossEntropyLoss``.
+
+    Equal to ``torch.nn.functional.cross_entropy(pred, target, weight=class_weights,
+    ignore_index=ignore_index, label_smoothing=label_smoothing)``, including every combination of
+    smoothing, ignored elements and class weights, except that a batch with every element ignored
+    gives 0 with zero gradients instead of NaN.
+
+    Inputs:
+        out["pred"]: ``(N, C)`` or ``(N, C, d1, ..., dk)`` logits, any floating dtype.
+        target["target"]: int class indices ``(N,)`` / ``(N, d1, ..., dk)``, or float class
+            probabilities of ``pred``'s shape (soft labels from mixup/cutmix).
+
+    Reduction: index targets: the sum of the per-element losses (times the class weight of the
+    target) over non-ignored elements, divided by the number of those elements (the sum of their
+    class weights when ``class_weights`` is set). Soft labels: divided by ``N * d1 * ... * dk``.
+    Under DDP, set ``normalize_across_ranks`` to divide by the mean normaliser over ranks, which makes
+    the averaged gradients those of the global batch.
+
+    Reference: ``torch.nn.CrossEntropyLoss``; label smoothing: Szegedy et al., "Rethinking the
+    Inception Architecture for Computer Vision", CVPR 2016.
+    """
+
+    name: ClassVar[str] = "cross_entropy"
+
+    @dataclass(frozen=True)
+    class Config:
+        label_smoothing: float = option(
+            0.0, ge=0.0, le=1.0, doc="Mix the target with the uniform distribution by this amount."
+        )
+        ignore_index: int = option(-100, doc="Class index whose elements are skipped (index targets only).")
+        class_weights: tuple[float, ...] | None = option(
+            None,
+            ge=0.0,
+            min_items=1,
+            doc="Per-class rescaling (C values, torch's 'weight'); null for none.",
+        )
+        normalize_across_ranks: bool = option(
+            False,
+            doc="Divide by the mean over DDP ranks of the count (or class-weight sum) of non-ignored "
+            "elements instead of the local one.",
+        )
+
+    inputs: ClassVar[Mapping[str, str]] = {
+        "pred": "(N, C) or (N, C, d1, ..., dk) logits, any floating dtype",
+    }
+    targets: ClassVar[Mapping[str, str]] = {
+        "target": "int class indices (N,) / (N, d1, ..., dk), or float class probabilities of pred's shape",
+    }
+
+    class_weights: Tensor | None
+
+    def __init__(self, config: Any | None = None, /, **fields: Any) -> None:
+        super().__init__(config, **fields)
+        weights = self.config.class_weights
+        self.register_buffer(
+            "class_weights", None if weights is None else torch.tensor(weights, dtype=torch.float32)
+        )
+
+    def forward(self, out: Mapping[str, Any], target: Mapping[str, Any]) -> Tensor:
+        name = self.name
+        pred = get_tensor(
+            out, "pred", criterion=name, side="out", expected="logits (N, C, *)", float_only=True
+        )
+        tgt = get_tensor(
+            target, "target", criterion=name, side="target", expected="class indices (N, *) or probabilities"
+        )
+        if pred.dim() < 2:
+            raise InputError(
+                name,
+                "out['pred']",
+                f"expected logits (N, C) or (N, C, d1, ...), got shape {fmt_shape(pred.shape)}",
+            )
+        if tgt.device != pred.device:
+            raise InputError(
+                name, "target['target']", f"on {tgt.device}, but out['pred'] is on {pred.device}"
+            )
+        num_classes = pred.shape[1]
+        if num_classes == 0:
+            raise InputError(name, "out['pred']", f"has no classes (shape {fmt_shape(pred.shape)})")
+        weights = self.class_weights
+        if weights is not None and weights.shape[0] != num_classes:
+            raise InputError(
+                name,
+                "out['pred']",
+                f"has C = {num_classes} classes (shape {fmt_shape(pred.shape)}), but class_weights has "
+                f"{weights.shape[0]} values",
+            )
+        cfg = self.config
+        if tgt.is_floating_point():
+            if tgt.shape != pred.shape:
+                raise InputError(
+                    name,
+                    "target['target']",
+                    f"float targets are class probabilities and need the shape of out['pred'] "
+                    f"{fmt_shape(pred.shape)}, got {fmt_shape(tgt.shape)}; class indices must be an "
+                    "integer tensor",
+                )
+        else:
+            expected = (pred.shape[0], *pred.shape[2:])
+            if tgt.dtype == torch.bool or tgt.is_complex():
+                raise InputError(
+                    name,
+                    "target['target']",
+                    f"expected integer class indices or float probabilities, got {tgt.dtype}",
+                )
+            if tuple(tgt.shape) != expected:
+                raise InputError(
+                    name,
+                    "target['target']",
+                    f"class indices for out['pred'] of shape {fmt_shape(pred.shape)} need shape "
+                    f"{fmt_shape(expected)}, got {fmt_shape(tgt.shape)}",
+                )
+            if tgt.device.type != "cpu" and value_checks_enabled(tgt):
+                self._check_range(tgt, num_classes)  # on CPU, torch's own check is translated below
+        try:
+            loss = cross_entropy(
+                pred,
+                tgt,
+                weight=weights,
+                ignore_index=cfg.ignore_index,
+                label_smoothing=cfg.label_smoothing,
+                normalize_across_ranks=cfg.normalize_across_ranks,
+            )
+        except (IndexError, RuntimeError) as exc:
+            if not tgt.is_floating_point():
+                self._check_range(tgt, num_classes, cause=exc)
+            raise
+        if value_checks_enabled(loss) and not math.isfinite(loss.item()):
+            self._explain_non_finite(pred, tgt)
+        return loss
+
+    def _explain_non_finite(self, pred: Tensor, tgt: Tensor) -> None:
+        if not bool(torch.isfinite(pred).all()):
+            raise InputError(self.name, "out['pred']", "contains NaN or infinite logits")
+        if tgt.is_floating_point() and not bool(torch.isfinite(tgt).all()):
+            raise InputError(self.name, "target['target']", "contains NaN or infinite probabilities")
+        raise InputError(
+            self.name,
+            "target['target']",
+            "the loss is not finite: class probabilities must be finite and >= 0 (and class_weights "
+            "must not give every counted element a zero weight)",
+        )
+
+    def _check_range(self, tgt: Tensor, num_classes: int, cause: BaseException | None = None) -> None:
+        """Raise :class:`InputError` when a class index is neither in [0, C) nor ``ignore_index``."""
+        ignore = self.config.ignore_index
+        bad = (tgt != ignore) & ((tgt < 0) | (tgt >= num_classes))
+        if bool(bad.any()):
+            values = torch.unique(tgt[bad])[:5].tolist()
+            raise InputError(
+                self.name,
+                "target['target']",
+                f"class indices must be in [0, {num_classes - 1}] (C = {num_classes}) or ignore_index "
+                f"({ignore}), got {values}",
+            ) from cause
+
+    def example(
+        self,
+        batch_size: int = 2,
+        *,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        num_classes = len(self.config.class_weights) if self.config.class_weights is not None else 5
+        pred = torch.randn(batch_size, num_classes, generator=generator).to(device).requires_grad_()
+        target = torch.randint(0, num_classes, (batch_size,), generator=generator).to(device)
+        return {"pred": pred}, {"target": target}
