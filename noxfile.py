@@ -57,8 +57,20 @@ def _install(session: nox.Session, *paths: str) -> None:
     session.install("-q", *paths)
 
 
-def _pytest(session: nox.Session, *paths: str) -> None:
-    session.run("python", "-m", "pytest", "-p", "no:cacheprovider", *paths, *session.posargs)
+def _pytest(session: nox.Session, *paths: str, plugins: tuple[str, ...] = ()) -> None:
+    """Run pytest on ``paths`` plus the isolation check, told which plugins this session installed."""
+    env = {"LOSSKIT_EXPECTED_DISTRIBUTIONS": ",".join(f"losskit-{p}" for p in plugins)}
+    session.run(
+        "python",
+        "-m",
+        "pytest",
+        "-p",
+        "no:cacheprovider",
+        *paths,
+        "tests/isolation",
+        *session.posargs,
+        env=env,
+    )
 
 
 def _plugin_paths(plugin: str) -> list[str]:
@@ -77,14 +89,14 @@ def core(session: nox.Session) -> None:
 def plugin(session: nox.Session, plugin: str) -> None:
     """One plugin with only the core installed: its tests, parity, and others reported as missing."""
     _install(session, "packages/losskit", *_plugin_paths(plugin))
-    _pytest(session, f"tests/{plugin.replace('-', '_')}")
+    _pytest(session, f"tests/{plugin.replace('-', '_')}", plugins=(*PLUGIN_DEPS.get(plugin, ()), plugin))
 
 
 @nox.session
 def integration(session: nox.Session) -> None:
     """Everything installed: every config in configs/, the CLI main job, docs freshness, DDP example."""
     _install(session, "packages/losskit", *(f"packages/losskit-{p}" for p in PLUGINS), TEST_PLUGIN)
-    _pytest(session, "tests/integration")
+    _pytest(session, "tests/integration", plugins=PLUGINS)
 
 
 @nox.session

@@ -153,7 +153,12 @@ def test_run_shows_a_progress_bar_on_a_terminal(tmp_path: Path) -> None:
     exe = Path(sys.executable).with_name("losskit")
     leader, follower = pty.openpty()
     try:
-        proc = subprocess.run([str(exe), "run", str(config), "--iters", "4"], stdout=follower, stderr=subprocess.PIPE, timeout=120)
+        proc = subprocess.run(
+            [str(exe), "run", str(config), "--iters", "4"],
+            stdout=follower,
+            stderr=subprocess.PIPE,
+            timeout=120,
+        )
         os.close(follower)
         chunks = []
         while True:

@@ -122,9 +122,10 @@ def test_plugin_failing_to_import_is_reported_and_others_work(make_module: Any) 
     (failure,) = reg.failures
     assert failure.plugin == "broken"
     assert failure.distribution == "losskit-broken"
-    assert str(
-        failure
-    ) == "plugin 'broken' (losskit-broken 0.9) failed to load: ImportError: needs torch_scatter"
+    assert (
+        str(failure)
+        == "plugin 'broken' (losskit-broken 0.9) failed to load: ImportError: needs torch_scatter"
+    )
     with pytest.raises(losskit.UnknownCriterionError) as info:
         reg.get("broken_loss")
     message = str(info.value)

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.metadata as md
 import sys
 from pathlib import Path
 
@@ -298,18 +297,3 @@ def test_config_file_builds_and_runs():
     assert set(result.parts) >= {"retinanet/classification", "retinanet/bbox_regression", "total"}
     assert set(result.diagnostics) == {"retinanet/num_fg", "retinanet/num_ignored"}
     result.total.backward()
-
-
-@pytest.mark.parametrize(
-    ("criterion", "dist"),
-    [("yolox_loss", "losskit-detection-yolox"), ("pidnet_loss", "losskit-segmentation-pidnet")],
-)
-def test_absent_first_party_criteria_say_what_to_install(criterion, dist):
-    try:
-        md.distribution(dist)
-    except md.PackageNotFoundError:
-        pass
-    else:
-        pytest.skip(f"{dist} is installed in this environment")
-    with pytest.raises(losskit.ConfigError, match=f"pip install {dist}"):
-        losskit.build_losses({"losses": [{"criterion": criterion}]})

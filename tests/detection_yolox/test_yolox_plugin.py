@@ -8,11 +8,9 @@ import importlib.metadata as md
 import time
 from pathlib import Path
 
-import pytest
 import torch
 
 import losskit
-from losskit.registry import FIRST_PARTY
 from losskit.schema import describe_fields
 from losskit_detection_yolox import YOLOXLoss
 
@@ -77,20 +75,3 @@ def test_example_is_small_valid_and_seeded() -> None:
     assert all(torch.equal(a, b) for a, b in zip(out["pred"], again["pred"]))
     assert len(target["gt"]) == 3 and float(terms.diagnostics["num_fg"]) > 0
     assert YOLOXLoss(num_classes=7).example(1)[0]["pred"][0].shape[1] == 12
-
-
-def _installed(dist: str) -> bool:
-    try:
-        md.distribution(dist)
-    except md.PackageNotFoundError:
-        return False
-    return True
-
-
-@pytest.mark.parametrize("name", sorted(FIRST_PARTY))
-def test_absent_first_party_criteria_say_what_to_install(name: str) -> None:
-    dist = FIRST_PARTY[name]
-    if _installed(dist):
-        pytest.skip(f"{dist} is installed here")
-    with pytest.raises(losskit.ConfigError, match=f"pip install {dist}"):
-        losskit.build_losses([{"criterion": name}])

@@ -14,7 +14,11 @@ REFERENCE = Path(__file__).resolve().parents[2] / "docs" / "reference"
 def test_reference_is_fresh() -> None:
     pages = expected_pages(losskit.get_registry())
     assert len(pages) == 6  # five criteria and the index
-    stale = [name for name, text in pages.items() if not (REFERENCE / name).is_file() or (REFERENCE / name).read_text() != text]
+    stale = [
+        name
+        for name, text in pages.items()
+        if not (REFERENCE / name).is_file() or (REFERENCE / name).read_text() != text
+    ]
     assert stale == [], f"stale reference pages {stale}: run `nox -s docs`"
     extra = sorted(p.name for p in REFERENCE.glob("*.md") if p.name not in pages)
     assert extra == [], f"pages for criteria that no longer exist: {extra}"

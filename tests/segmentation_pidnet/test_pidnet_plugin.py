@@ -6,11 +6,9 @@ from __future__ import annotations
 import importlib.metadata
 from pathlib import Path
 
-import pytest
 import torch
 
 import losskit
-from losskit.registry import FIRST_PARTY
 from losskit_segmentation_pidnet import PIDNetLoss
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "segmentation-pidnet.yaml"
@@ -92,17 +90,3 @@ def test_class_weights_buffer_follows_the_module():
     crit = PIDNetLoss(class_weights=[1.0, 2.0, 3.0, 4.0])
     assert crit.class_weights is not None and crit.class_weights.tolist() == [1.0, 2.0, 3.0, 4.0]
     assert "class_weights" not in crit.state_dict()  # not persistent: the config is the source of truth
-
-
-@pytest.mark.parametrize("name", sorted(n for n, d in FIRST_PARTY.items() if d != DIST))
-def test_other_first_party_criteria_need_their_distribution(name):
-    dist = FIRST_PARTY[name]
-    try:
-        importlib.metadata.distribution(dist)
-    except importlib.metadata.PackageNotFoundError:
-        pass
-    else:
-        pytest.skip(f"{dist} is installed in this environment")
-    with pytest.raises(losskit.ConfigError) as info:
-        losskit.build_losses({"losses": [{"criterion": name}]})
-    assert f"pip install {dist}" in str(info.value)

@@ -50,6 +50,9 @@ def _worker(
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
+        # Every rank reaches this point before the group is torn down: destroying a gloo group while
+        # the peer still talks to it aborts the process ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
