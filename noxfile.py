@@ -104,8 +104,8 @@ def lint(session: nox.Session) -> None:
     """ruff on the whole tree; mypy on every package."""
     _install(
         session,
-        "ruff>=0.6",
-        "mypy>=1.10",
+        "ruff==0.17.6",
+        "mypy==2.4.1",
         "types-PyYAML",
         "packages/losskit",
         *(f"packages/losskit-{p}" for p in PLUGINS),

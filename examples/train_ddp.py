@@ -98,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
             dist.all_reduce(total)
         accuracy = float(correct / total)
     if rank == 0:
-        print(f"world size {world}: loss {first:.4f} -> {last:.4f}; final accuracy {accuracy:.3f}", flush=True)
+        print(
+            f"world size {world}: loss {first:.4f} -> {last:.4f}; final accuracy {accuracy:.3f}", flush=True
+        )
     if distributed:
         del model, optimizer  # release DDP's reducer before its process group goes away
         dist.barrier()
