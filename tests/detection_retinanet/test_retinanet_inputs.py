@@ -194,7 +194,12 @@ def test_error_boxes_shape():
     crit, out, target = _example()
     gt = [dict(target["gt"][0]), target["gt"][1]]
     gt[0]["boxes"] = torch.zeros(2, 5)
-    _err(crit, out, {"gt": gt}, r"target\['gt'\]\[0\]\['boxes'\]: expected \(n, 4\) xyxy boxes, got \(2, 5\)")
+    _err(
+        crit,
+        out,
+        {"gt": gt},
+        r"target\['gt'\]\[0\]\['boxes'\]: expected shape \(n, 4\) xyxy, got shape \(2, 5\)",
+    )
 
 
 def test_error_labels_out_of_range():
@@ -209,7 +214,7 @@ def test_error_labels_count_and_dtype():
     crit, out, target = _example()
     gt = [dict(target["gt"][0]), target["gt"][1]]
     gt[0]["labels"] = torch.tensor([0])
-    _err(crit, out, {"gt": gt}, r"\['labels'\]: expected \(2,\) \(one per box\), got \(1,\)")
+    _err(crit, out, {"gt": gt}, r"\['labels'\]: expected shape \(2,\) \(one per box\), got shape \(1,\)")
     gt[0]["labels"] = torch.tensor([0.0, 1.0])
     _err(crit, out, {"gt": gt}, r"\['labels'\]: expected an integer tensor, got torch.float32")
 
@@ -247,7 +252,12 @@ def test_error_missing_keys_and_batch():
     )
     _err(crit, {k: v for k, v in out.items() if k != "cls_logits"}, target, r"out\['cls_logits'\]: missing")
     _err(crit, out, {"boxes": []}, r"target\['gt'\]: missing; target has keys 'boxes'")
-    _err(crit, out, {"gt": target["gt"][:1]}, r"target\['gt'\]: expected B = 2 entries")
+    _err(
+        crit,
+        out,
+        {"gt": target["gt"][:1]},
+        r"target\['gt'\]: expected 2 entries \(the batch size of out\['cls_logits'\]\), got 1",
+    )
     _err(
         crit,
         out,

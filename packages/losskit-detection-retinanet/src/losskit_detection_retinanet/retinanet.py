@@ -19,7 +19,7 @@ from torch import Tensor
 from torchvision.ops import complete_box_iou_loss, distance_box_iou_loss, generalized_box_iou_loss
 
 from losskit import Criterion, InputError, LossTerms, option
-from losskit.checks import fmt_shape, value_checks_enabled
+from losskit.checks import fmt_shape, get_box_targets, value_checks_enabled
 from losskit.dist import global_mean
 from losskit_classification.focal import sigmoid_focal_loss_indexed
 from losskit_detection_retinanet._match import BACKGROUND, IGNORED, decode, encode, match_anchors, pad_gt
@@ -566,50 +566,13 @@ class RetinaNetLoss(Criterion):
 
     def _gt(self, target: Any, b: int, device: torch.device) -> tuple[list[Tensor], list[Tensor]]:
         name = self.name
-        expected = "a list of B dicts {'boxes': (n, 4), 'labels': (n,)}"
-        if not isinstance(target, Mapping):
-            raise InputError(name, "target", f"expected a mapping with key 'gt', got {type(target).__name__}")
-        if "gt" not in target:
-            keys = ", ".join(repr(k) for k in target) or "none"
-            raise InputError(name, "target['gt']", f"missing; target has keys {keys}; expected: {expected}")
-        gt = target["gt"]
-        if not isinstance(gt, (list, tuple)):
-            raise InputError(name, "target['gt']", f"expected {expected}, got {type(gt).__name__}")
-        if len(gt) != b:
-            raise InputError(
-                name, "target['gt']", f"expected B = {b} entries (batch of out['cls_logits']), got {len(gt)}"
-            )
+        all_boxes, all_labels = get_box_targets(target, criterion=name, batch=b, batch_of="out['cls_logits']")
         boxes, labels = [], []
-        for i, entry in enumerate(gt):
+        for i, (bx, lb) in enumerate(zip(all_boxes, all_labels)):
             where = f"target['gt'][{i}]"
-            if not isinstance(entry, Mapping):
-                raise InputError(
-                    name, where, f"expected a dict with 'boxes' and 'labels', got {type(entry).__name__}"
-                )
-            for key in ("boxes", "labels"):
-                if key not in entry:
-                    keys = ", ".join(repr(k) for k in entry) or "none"
-                    raise InputError(name, f"{where}[{key!r}]", f"missing; the entry has keys {keys}")
-                if not isinstance(entry[key], Tensor):
-                    raise InputError(
-                        name, f"{where}[{key!r}]", f"expected a tensor, got {type(entry[key]).__name__}"
-                    )
-            bx, lb = entry["boxes"], entry["labels"]
             if not bx.is_floating_point():
                 raise InputError(
                     name, f"{where}['boxes']", f"expected a floating-point tensor, got {bx.dtype}"
-                )
-            if bx.dim() != 2 or bx.shape[1] != 4:
-                raise InputError(
-                    name, f"{where}['boxes']", f"expected (n, 4) xyxy boxes, got {fmt_shape(bx.shape)}"
-                )
-            if lb.is_floating_point() or lb.is_complex() or lb.dtype == torch.bool:
-                raise InputError(name, f"{where}['labels']", f"expected an integer tensor, got {lb.dtype}")
-            if lb.dim() != 1 or lb.shape[0] != bx.shape[0]:
-                raise InputError(
-                    name,
-                    f"{where}['labels']",
-                    f"expected ({bx.shape[0]},) (one per box), got {fmt_shape(lb.shape)}",
                 )
             for key, t in (("boxes", bx), ("labels", lb)):
                 if t.device != device:

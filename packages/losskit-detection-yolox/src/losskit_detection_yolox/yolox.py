@@ -19,7 +19,7 @@ from torch import Tensor
 from torchvision.ops import box_convert
 
 from losskit import ConfigError, Criterion, InputError, LossTerms, option
-from losskit.checks import fmt_shape, value_checks_enabled
+from losskit.checks import fmt_shape, get_box_targets, value_checks_enabled
 from losskit.dist import global_mean
 from losskit_detection_yolox._assign import (
     AnchorGrid,
@@ -137,52 +137,10 @@ def _levels(out: Any) -> list[Tensor]:
 
 
 def _ground_truths(target: Any, batch: int, num_classes: int, device: torch.device) -> GroundTruths:
-    if not isinstance(target, Mapping):
-        raise InputError(
-            NAME, "target", f"expected a mapping with keys 'gt', 'img_size', got {type(target).__name__}"
-        )
-    key = "target['gt']"
-    expected = "a list of B dicts {'boxes': (n, 4) xyxy, 'labels': (n,) int64}"
-    if "gt" not in target:
-        keys = ", ".join(repr(k) for k in target) or "none"
-        raise InputError(NAME, key, f"missing; target has keys {keys}; expected: {expected}")
-    gts = target["gt"]
-    if isinstance(gts, (str, Mapping, Tensor)) or not isinstance(gts, Sequence):
-        raise InputError(NAME, key, f"expected {expected}, got {type(gts).__name__}")
-    if len(gts) != batch:
-        raise InputError(
-            NAME, key, f"expected {batch} entries (the batch size of out['pred']), got {len(gts)}"
-        )
+    all_boxes, all_labels = get_box_targets(target, criterion=NAME, batch=batch, batch_of="out['pred']")
     boxes_list, labels_list = [], []
-    for i, item in enumerate(gts):
-        where = f"{key}[{i}]"
-        if not isinstance(item, Mapping):
-            raise InputError(
-                NAME, where, f"expected a dict with 'boxes' and 'labels', got {type(item).__name__}"
-            )
-        for name in ("boxes", "labels"):
-            if name not in item:
-                keys = ", ".join(repr(k) for k in item) or "none"
-                raise InputError(NAME, f"{where}[{name!r}]", f"missing; the dict has keys {keys}")
-            if not isinstance(item[name], Tensor):
-                raise InputError(
-                    NAME, f"{where}[{name!r}]", f"expected a tensor, got {type(item[name]).__name__}"
-                )
-        boxes, labels = item["boxes"], item["labels"]
-        if boxes.dim() != 2 or boxes.shape[1] != 4:
-            raise InputError(
-                NAME, f"{where}['boxes']", f"expected shape (n, 4) xyxy, got shape {fmt_shape(boxes.shape)}"
-            )
-        if boxes.dtype == torch.bool or boxes.is_complex():
-            raise InputError(NAME, f"{where}['boxes']", f"expected real-valued boxes, got {boxes.dtype}")
-        if labels.dim() != 1 or labels.shape[0] != boxes.shape[0]:
-            raise InputError(
-                NAME,
-                f"{where}['labels']",
-                f"expected shape ({boxes.shape[0]},) to match the boxes, got shape {fmt_shape(labels.shape)}",
-            )
-        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-            raise InputError(NAME, f"{where}['labels']", f"expected an integer tensor, got {labels.dtype}")
+    for i, (boxes, labels) in enumerate(zip(all_boxes, all_labels)):
+        where = f"target['gt'][{i}]"
         if value_checks_enabled(labels) and labels.numel():
             lo, hi = int(labels.min()), int(labels.max())
             if lo < 0 or hi >= num_classes:

@@ -13,7 +13,7 @@ governed by the ``LOSSKIT_VALUE_CHECKS`` environment variable or :func:`set_valu
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -21,7 +21,7 @@ from torch import Tensor
 
 from losskit.errors import ConfigError, InputError
 
-__all__ = ["fmt_shape", "get_tensor", "set_value_checks", "value_checks_enabled"]
+__all__ = ["fmt_shape", "get_box_targets", "get_tensor", "set_value_checks", "value_checks_enabled"]
 
 ValueChecks = Literal["auto", "always", "never"]
 _MODES = ("auto", "always", "never")
@@ -86,3 +86,68 @@ def get_tensor(
             criterion, where, f"expected a floating-point tensor ({expected}), got {value.dtype}"
         )
     return value
+
+
+def get_box_targets(
+    target: Any,
+    key: str = "gt",
+    *,
+    criterion: str,
+    batch: int,
+    batch_of: str,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """The boxes and labels of ``target[key]``, a list of ``batch`` dicts ``{"boxes", "labels"}``.
+
+    Checks the structure, shapes and dtypes (no values, so no device sync): ``boxes`` is ``(n_i, 4)`` of a
+    real dtype, ``labels`` is ``(n_i,)`` of an integer dtype. ``batch_of`` names the output whose batch
+    size ``batch`` is, for the message. Raises :class:`InputError` naming the exact entry and key.
+    """
+    expected = "a list of B dicts {'boxes': (n, 4) xyxy, 'labels': (n,) int64}"
+    if not isinstance(target, Mapping):
+        raise InputError(
+            criterion, "target", f"expected a mapping with key {key!r}, got {type(target).__name__}"
+        )
+    where = f"target[{key!r}]"
+    if key not in target:
+        keys = ", ".join(repr(k) for k in target) or "none"
+        raise InputError(criterion, where, f"missing; target has keys {keys}; expected: {expected}")
+    items = target[key]
+    if isinstance(items, (str, bytes, Mapping, Tensor)) or not isinstance(items, Sequence):
+        raise InputError(criterion, where, f"expected {expected}, got {type(items).__name__}")
+    if len(items) != batch:
+        raise InputError(
+            criterion, where, f"expected {batch} entries (the batch size of {batch_of}), got {len(items)}"
+        )
+    boxes_list, labels_list = [], []
+    for i, item in enumerate(items):
+        at = f"{where}[{i}]"
+        if not isinstance(item, Mapping):
+            raise InputError(
+                criterion, at, f"expected a dict with 'boxes' and 'labels', got {type(item).__name__}"
+            )
+        for name in ("boxes", "labels"):
+            if name not in item:
+                keys = ", ".join(repr(k) for k in item) or "none"
+                raise InputError(criterion, f"{at}[{name!r}]", f"missing; the dict has keys {keys}")
+            if not isinstance(item[name], Tensor):
+                raise InputError(
+                    criterion, f"{at}[{name!r}]", f"expected a tensor, got {type(item[name]).__name__}"
+                )
+        boxes, labels = item["boxes"], item["labels"]
+        if boxes.dim() != 2 or boxes.shape[1] != 4:
+            raise InputError(
+                criterion, f"{at}['boxes']", f"expected shape (n, 4) xyxy, got shape {fmt_shape(boxes.shape)}"
+            )
+        if boxes.dtype == torch.bool or boxes.is_complex():
+            raise InputError(criterion, f"{at}['boxes']", f"expected real-valued boxes, got {boxes.dtype}")
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise InputError(criterion, f"{at}['labels']", f"expected an integer tensor, got {labels.dtype}")
+        if labels.dim() != 1 or labels.shape[0] != boxes.shape[0]:
+            raise InputError(
+                criterion,
+                f"{at}['labels']",
+                f"expected shape ({boxes.shape[0]},) (one per box), got shape {fmt_shape(labels.shape)}",
+            )
+        boxes_list.append(boxes)
+        labels_list.append(labels)
+    return boxes_list, labels_list

@@ -114,27 +114,38 @@ def _fmt_num(x: float) -> str:
     return repr(int(x)) if float(x).is_integer() and abs(x) < 1e15 else repr(x)
 
 
-def _range_text(c: _Constraint) -> str:
-    parts = []
+def _bounds_text(c: _Constraint) -> str:
     lo = f">= {_fmt_num(c.ge)}" if c.ge is not None else (f"> {_fmt_num(c.gt)}" if c.gt is not None else "")
     hi = f"<= {_fmt_num(c.le)}" if c.le is not None else (f"< {_fmt_num(c.lt)}" if c.lt is not None else "")
-    if lo and hi:
-        if c.ge is not None and c.le is not None:
-            parts.append(f"[{_fmt_num(c.ge)}, {_fmt_num(c.le)}]")
-        else:
-            parts.append(f"{lo} and {hi}")
-    elif lo or hi:
-        parts.append(lo or hi)
-    if c.negative_disables:
-        parts.append("or < 0 to disable")
-    if c.min_items is not None and c.min_items == c.max_items:
-        parts.append(f"{c.min_items} items")
+    if c.ge is not None and c.le is not None:
+        text = f"[{_fmt_num(c.ge)}, {_fmt_num(c.le)}]"
     else:
-        if c.min_items is not None:
-            parts.append(f">= {c.min_items} items")
-        if c.max_items is not None:
-            parts.append(f"<= {c.max_items} items")
-    return " ".join(parts)
+        text = " and ".join(filter(None, (lo, hi)))
+    if c.negative_disables:
+        text = f"{text}, or < 0 to disable" if text else "< 0 disables"
+    return text
+
+
+def _count_text(c: _Constraint) -> str:
+    def items(n: int) -> str:
+        return f"{n} item{'s' if n != 1 else ''}"
+
+    if c.min_items is not None and c.min_items == c.max_items:
+        return f"exactly {items(c.min_items)}"
+    parts = []
+    if c.min_items is not None:
+        parts.append(f"at least {items(c.min_items)}")
+    if c.max_items is not None:
+        parts.append(f"at most {items(c.max_items)}")
+    return ", ".join(parts)
+
+
+def _range_text(c: _Constraint, *, sequence: bool = False) -> str:
+    """Allowed numbers (each item's, for sequences) and sequence lengths, in words."""
+    bounds = _bounds_text(c)
+    if sequence and bounds:
+        bounds = f"each {bounds}"
+    return ", ".join(filter(None, (bounds, _count_text(c) if sequence else "")))
 
 
 def _allowed(tp: Any, c: _Constraint) -> str:
@@ -142,12 +153,14 @@ def _allowed(tp: Any, c: _Constraint) -> str:
     if _is_union(tp):
         rest = [a for a in typing.get_args(tp) if a is not type(None)]
         inner = " or ".join(filter(None, (_allowed(a, c) for a in rest)))
-        return f"{inner} or null" if inner else "null allowed"
+        if not inner:
+            return "null allowed"
+        return f"{inner}; or null" if "," in inner else f"{inner} or null"
     if typing.get_origin(tp) is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if tp is bool:
         return "true, false"
-    return _range_text(c)
+    return _range_text(c, sequence=typing.get_origin(tp) in (list, tuple))
 
 
 def describe_fields(cls: type) -> list[FieldInfo]:
@@ -295,7 +308,7 @@ def _coerce(value: Any, tp: Any, c: _Constraint) -> Any:
         else:
             item_types = [args[0]] * len(value)
         if c.min_items is not None and len(value) < c.min_items:
-            raise _Invalid(f"expected at least {c.min_items} items, got {len(value)}")
+            raise _Invalid(f"expected at least {c.min_items} item(s), got {len(value)}")
         if c.max_items is not None and len(value) > c.max_items:
             raise _Invalid(f"expected at most {c.max_items} items, got {len(value)}")
         items = []
