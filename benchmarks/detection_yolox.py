@@ -126,7 +126,9 @@ def parity(out: dict[str, Any], target: dict[str, Any], num_classes: int) -> tup
     crit = YOLOXLoss(l1_activate_epoch=0)
     terms = crit({"pred": leaves(out)}, target)
     worst = max(
-        abs(float(terms[k]) - float(ref_terms[k])) / max(abs(float(ref_terms[k])), 1e-12) for k in terms
+        abs(float(terms[k].detach()) - float(ref_terms[k].detach()))
+        / max(abs(float(ref_terms[k].detach())), 1e-12)
+        for k in terms
     )
     a = crit.assign(out, target)
     same = all(
