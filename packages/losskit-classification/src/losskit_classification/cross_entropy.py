@@ -161,8 +161,11 @@ class CrossEntropy(Criterion):
     def __init__(self, config: Any | None = None, /, **fields: Any) -> None:
         super().__init__(config, **fields)
         weights = self.config.class_weights
+        # Not persistent: the config is the source of truth, so checkpoints load whatever the weights are.
         self.register_buffer(
-            "class_weights", None if weights is None else torch.tensor(weights, dtype=torch.float32)
+            "class_weights",
+            None if weights is None else torch.tensor(weights, dtype=torch.float32),
+            persistent=False,
         )
 
     def forward(self, out: Mapping[str, Any], target: Mapping[str, Any]) -> Tensor:
