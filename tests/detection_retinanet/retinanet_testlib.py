@@ -145,11 +145,11 @@ def fresh(tensors: list[Tensor]) -> list[Tensor]:
 
 def loss_with_shared_params(
     batch: Any, cfg: dict[str, Any], *, average_over_ranks: bool = False
-) -> tuple[Tensor, Tensor, Tensor, tuple[int, int]]:
+) -> tuple[Tensor, Tensor, Tensor, tuple[tuple[str, ...], tuple[str, ...]]]:
     """Loss of ``batch`` whose logits and deltas get a shared per-anchor bias (the "model parameters").
 
     Returns the detached loss, the gradients of the two bias parameters (all-reduced and divided by the
-    world size when ``average_over_ranks``, as DDP does) and the numbers of terms and diagnostics.
+    world size when ``average_over_ranks``, as DDP does) and the names of the terms and diagnostics.
     """
     from losskit_detection_retinanet import RetinaNetLoss
 
@@ -173,7 +173,7 @@ def loss_with_shared_params(
         for t in (gc, gr):
             dist.all_reduce(t)
             t /= dist.get_world_size()
-    return total.detach(), gc, gr, (len(res), len(res.diagnostics))
+    return total.detach(), gc, gr, (tuple(res), tuple(res.diagnostics))
 
 
 def ddp_worker(rank: int, world_size: int, batches: list[Any], configs: list[dict[str, Any]]) -> list[Any]:
