@@ -13,7 +13,7 @@ from typing import Any, TextIO
 import torch
 
 from losskit import __version__
-from losskit.composite import CompositeLoss
+from losskit.composite import build_losses
 from losskit.config import load_config
 from losskit.docgen import render_markdown, render_text
 from losskit.errors import ConfigError, LosskitError
@@ -84,10 +84,7 @@ def _cmd_run(args: argparse.Namespace, registry: Registry, stdout: TextIO, stder
         raise ConfigError(f"--device: {exc}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device: {args.device!r} requested but CUDA is not available")
-    cfg = load_config(args.config, registry=registry)
-    composite = CompositeLoss([(e.name, e.build(), e.weight) for e in cfg.entries]).to(device)
-    if args.epoch is not None:
-        composite.set_epoch(args.epoch)
+    composite = build_losses(args.config, registry=registry, device=device, epoch=args.epoch)
     generator = torch.Generator().manual_seed(args.seed)
     examples = {}
     for name in composite:

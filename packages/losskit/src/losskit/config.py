@@ -341,8 +341,8 @@ def _validate_entries(
             except CriterionConflictError as exc:
                 report((*path, "criterion"), str(exc))
                 ok = False
-            except LookupError:
-                report((*path, "criterion"), registry.unknown_message(criterion))
+            except LookupError as exc:
+                report((*path, "criterion"), str(exc))
                 ok = False
         weight = entry.get("weight")
         if weight is None:
