@@ -16,6 +16,7 @@ steps.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 
@@ -102,7 +103,10 @@ def main(argv: list[str] | None = None) -> int:
             f"world size {world}: loss {first:.4f} -> {last:.4f}; final accuracy {accuracy:.3f}", flush=True
         )
     if distributed:
-        del model, optimizer  # release DDP's reducer before its process group goes away
+        # Free DDP's reducer (kept alive by hooks on the parameters) before its process group goes away;
+        # destroying a gloo group that a reducer still holds aborts the process at exit.
+        del model, optimizer
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
     return 0
