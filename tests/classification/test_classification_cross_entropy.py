@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -292,3 +293,75 @@ def test_out_of_range_indices(mode):
             )
     finally:
         losskit.set_value_checks(None)
+
+
+# -- the CPU fast path ----------------------------------------------------------------------------
+
+
+class _RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_cpu_index_targets_run_only_torchs_kernels(shape, weighted):
+    # the common case costs what F.cross_entropy costs: its kernels, plus reading the value back
+    x, t = _batch(shape, seed=5)
+    weights = [0.5 + i for i in range(shape[1])] if weighted else None
+    crit = CrossEntropy(label_smoothing=0.1, class_weights=weights)
+    w = crit.class_weights
+    with _RecordOps() as ref:
+        F.cross_entropy(x, t, weight=w, label_smoothing=0.1)
+    with _RecordOps() as ours:
+        crit({"pred": x}, {"target": t})
+    assert ours.ops == [*ref.ops, torch.ops.aten._local_scalar_dense.default]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("smoothing", [0.0, 0.3])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_fast_and_general_paths_agree(shape, smoothing, weighted):
+    # int64 targets on CPU: the criterion's inlined call of torch's kernel; int32 targets: every check
+    # first, then the functional path; normalize_across_ranks (no process group: the local normaliser):
+    # the sum / normaliser kernels that accelerators run
+    x, t = _batch(shape, ignore_index=1, seed=9)
+    fields = {
+        "label_smoothing": smoothing,
+        "ignore_index": 1,
+        "class_weights": [1.0 + i / 4 for i in range(shape[1])] if weighted else None,
+    }
+    fast, general = CrossEntropy(**fields), CrossEntropy(**fields, normalize_across_ranks=True)
+    v, g = _vg(lambda z: fast({"pred": z}, {"target": t}), x)
+    for crit, target in ((general, t), (fast, t.int())):
+        v2, g2 = _vg(lambda z, c=crit, tt=target: c({"pred": z}, {"target": tt}), x)
+        assert rel_diff(v2, v) <= 1e-6 and rel_diff(g2, g) <= 1e-6
+
+
+def test_fast_path_errors_name_the_input_and_keep_torchs_error():
+    crit = CrossEntropy()
+    x = torch.randn(4, 3)
+    cases = [
+        ({"pred": x}, {"target": torch.tensor([0, 1])}, "need shape (4,)"),
+        (
+            {"pred": torch.randn(2, 3, 5)},
+            {"target": torch.zeros(2, 4, dtype=torch.long)},
+            "need shape (2, 5)",
+        ),
+        ({"pred": x}, {"target": torch.tensor([0, 1, 2, 3])}, "in [0, 2]"),
+    ]
+    for out, target, match in cases:
+        with pytest.raises(losskit.InputError, match=re.escape(match)) as info:
+            crit(out, target)
+        assert isinstance(info.value.__cause__, (IndexError, RuntimeError, ValueError))
+    with pytest.raises(losskit.InputError, match="2 values") as info:
+        CrossEntropy(class_weights=[1.0, 2.0])({"pred": x}, {"target": torch.tensor([0, 1, 2, 0])})
+    assert isinstance(info.value.__cause__, RuntimeError)
+    # a 0-dim target is torch's unbatched form; the criterion asks for (N,) whatever N is
+    with pytest.raises(losskit.InputError, match=re.escape("need shape (1,)")):
+        crit({"pred": torch.randn(1, 3)}, {"target": torch.tensor(2)})

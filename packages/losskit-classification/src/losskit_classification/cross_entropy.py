@@ -4,15 +4,20 @@
 A thin layer over torch's own kernels (same value and gradients as
 :func:`torch.nn.functional.cross_entropy`), which differs only where torch's result is not usable for
 training: a batch whose every element is ignored gives 0 with zero gradients (torch gives NaN),
-without a host-device synchronisation. Index targets run the two kernels ``F.cross_entropy`` runs
-(``log_softmax`` and the NLL forward, whose second output is the mean's denominator); soft labels call
-``F.cross_entropy`` itself.
+without a host-device synchronisation. Soft labels call ``F.cross_entropy`` itself. Index targets:
+
+* on CPU, where reading a value costs no synchronisation, torch's own cross-entropy kernel runs with
+  the mean reduction and its value is read back; only a non-finite value (every element ignored, so
+  0 / 0, or non-finite inputs) takes the path below, so a call costs what ``F.cross_entropy`` costs;
+* elsewhere (and with ``normalize_across_ranks``), the two kernels ``F.cross_entropy`` runs are called
+  directly (``log_softmax`` and the NLL forward with the sum reduction, whose second output is the
+  mean's denominator) and the sum is divided by the clamped denominator, with no read-back.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -56,23 +61,59 @@ def cross_entropy(
         non-ignored elements divided by the sum of their class weights (their number without
         weights), 0 when there is none. Soft labels: the mean over all ``N * d1 * ... * dk`` elements,
         as torch computes it.
+
+    On CPU, index targets without ``normalize_across_ranks`` run torch's own kernel and read the value
+    back (no device, so no synchronisation) to tell a usable mean from an all-ignored 0 / 0; on other
+    devices nothing is read back.
     """
-    x = pred if pred.dtype in (torch.float32, torch.float64) else pred.float()
+    return _cross_entropy(pred, target, weight, ignore_index, label_smoothing, normalize_across_ranks)[0]
+
+
+#: ``F.cross_entropy``'s own entry point (the Python function only forwards to it) and its reduction
+#: code; the binding takes the reduction as an int (``at::Reduction``), which torch's stub types as str.
+_cross_entropy_loss: Callable[[Tensor, Tensor, Tensor | None, int, int, float], Tensor] = (
+    torch._C._nn.cross_entropy_loss  # type: ignore[assignment]
+)
+_MEAN = 1  # at::Reduction::Mean
+_FAST_DTYPES = frozenset({torch.float32, torch.float64})  # computed as given (others in float32)
+
+
+def _cross_entropy(
+    pred: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    normalize_across_ranks: bool,
+) -> tuple[Tensor, bool]:
+    """:func:`cross_entropy`, and whether its value was read back and is finite (CPU index targets)."""
+    x = pred if pred.dtype in _FAST_DTYPES else pred.float()
     if weight is not None and (weight.dtype != x.dtype or weight.device != x.device):
         weight = weight.to(device=x.device, dtype=x.dtype)
     if target.is_floating_point():
         t = target if target.dtype == x.dtype else target.to(x.dtype)
         if t.numel() == 0:  # torch's mean over no element is NaN
-            return F.cross_entropy(x, t, weight=weight, label_smoothing=label_smoothing, reduction="sum")
-        return F.cross_entropy(x, t, weight=weight, label_smoothing=label_smoothing)
+            return F.cross_entropy(
+                x, t, weight=weight, label_smoothing=label_smoothing, reduction="sum"
+            ), False
+        return F.cross_entropy(x, t, weight=weight, label_smoothing=label_smoothing), False
     t = target if target.dtype == torch.int64 else target.long()
+    if not normalize_across_ranks and x.device.type == "cpu":
+        loss = _cross_entropy_loss(x, t, weight, _MEAN, ignore_index, label_smoothing)
+        if math.isfinite(loss.item()):  # a CPU read: no synchronisation
+            return loss, True
     total, count = _index_cross_entropy_sum(x, t, weight, ignore_index, label_smoothing)
     if normalize_across_ranks:
         count = global_mean(count, enabled=True, min=_MIN_NORMALIZER)
     else:
         count = count.clamp_min(_MIN_NORMALIZER)
-    return total / count
+    return total / count, False
 
+
+#: Integer dtypes accepted as class indices (bool and complex are not).
+_INDEX_DTYPES = frozenset(
+    {torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32, torch.uint64}
+)
 
 _nll_loss = torch.ops.aten.nll_loss_forward.default
 _nll_loss2d = torch.ops.aten.nll_loss2d_forward.default
@@ -169,77 +210,136 @@ class CrossEntropy(Criterion):
         )
 
     def forward(self, out: Mapping[str, Any], target: Mapping[str, Any]) -> Tensor:
-        name = self.name
+        try:
+            pred = out["pred"]
+            tgt = target["target"]
+        except Exception:  # not a mapping, or a key is missing: _check_inputs says which
+            pred = tgt = None
+        if not (isinstance(pred, Tensor) and isinstance(tgt, Tensor)):
+            pred, tgt = self._check_inputs(out, target)
+        cfg = self.config
+        weights = self._buffers["class_weights"]  # the buffer, without nn.Module.__getattr__'s lookup
+        if (
+            tgt.dtype is torch.int64
+            and pred.dtype in _FAST_DTYPES
+            and pred.is_cpu
+            and tgt.is_cpu
+            and pred.dim() >= 2
+            and tgt.dim() == pred.dim() - 1
+            and (weights is None or weights.dtype is pred.dtype)
+            and not cfg.normalize_across_ranks
+        ):
+            # The common case, which runs every step: int64 class indices on CPU, where torch's own
+            # kernel checks the sizes, the weights' length and the class range (its errors are
+            # translated below) and reading the value back costs no synchronisation. This keeps the
+            # criterion within 5% of F.cross_entropy at (256, 1000) (benchmarks/classification.py).
+            try:
+                loss = _cross_entropy_loss(pred, tgt, weights, _MEAN, cfg.ignore_index, cfg.label_smoothing)
+            except (IndexError, RuntimeError, ValueError) as exc:
+                self._check_index_inputs(pred, tgt, weights, cause=exc)
+                raise
+            if math.isfinite(loss.item()):
+                return loss
+        return self._forward(pred, tgt, weights)
+
+    def _forward(self, pred: Tensor, tgt: Tensor, weights: Tensor | None) -> Tensor:
+        """Every other case: all the checks first, then :func:`cross_entropy`'s computation."""
+        if not pred.is_floating_point():
+            pred, tgt = self._check_inputs({"pred": pred}, {"target": tgt})
+        soft = tgt.is_floating_point()
+        if soft:
+            self._check_shapes(pred, tgt)
+            self._check_weights(pred, weights)
+        else:
+            self._check_index_inputs(pred, tgt, weights)
+        cfg = self.config
+        try:
+            loss, finite = _cross_entropy(
+                pred, tgt, weights, cfg.ignore_index, cfg.label_smoothing, cfg.normalize_across_ranks
+            )
+        except (IndexError, RuntimeError) as exc:
+            if not soft:
+                self._check_range(tgt, pred.shape[1], cause=exc)
+            raise
+        if not finite and value_checks_enabled(loss) and not math.isfinite(loss.item()):
+            self._explain_non_finite(pred, tgt)
+        return loss
+
+    def _check_index_inputs(
+        self, pred: Tensor, tgt: Tensor, weights: Tensor | None, cause: BaseException | None = None
+    ) -> None:
+        """Raise the :class:`InputError` for bad logits / class indices (the range too, where values
+        may be read); ``cause`` is torch's error that led here, if any."""
+        self._check_shapes(pred, tgt, cause=cause)
+        self._check_weights(pred, weights, cause=cause)
+        if cause is not None or (not tgt.is_cpu and value_checks_enabled(tgt)):
+            # on CPU without a cause, the range is left to torch's check, translated when it fails
+            self._check_range(tgt, pred.shape[1], cause=cause)
+
+    def _check_weights(
+        self, pred: Tensor, weights: Tensor | None, cause: BaseException | None = None
+    ) -> None:
+        if weights is not None and weights.shape[0] != pred.shape[1]:
+            raise InputError(
+                self.name,
+                "out['pred']",
+                f"has C = {pred.shape[1]} classes (shape {fmt_shape(pred.shape)}), but class_weights has "
+                f"{weights.shape[0]} values",
+            ) from cause
+
+    def _check_inputs(self, out: Any, target: Any) -> tuple[Tensor, Tensor]:
+        """The two input tensors, or the :class:`InputError` that says what is wrong with them."""
         pred = get_tensor(
-            out, "pred", criterion=name, side="out", expected="logits (N, C, *)", float_only=True
+            out, "pred", criterion=self.name, side="out", expected="logits (N, C, *)", float_only=True
         )
         tgt = get_tensor(
-            target, "target", criterion=name, side="target", expected="class indices (N, *) or probabilities"
+            target,
+            "target",
+            criterion=self.name,
+            side="target",
+            expected="class indices (N, *) or probabilities",
         )
-        if pred.dim() < 2:
+        return pred, tgt
+
+    def _check_shapes(self, pred: Tensor, tgt: Tensor, cause: BaseException | None = None) -> None:
+        """Raise the :class:`InputError` for logits and targets that do not fit together."""
+        name, shape = self.name, pred.shape
+        if len(shape) < 2:
             raise InputError(
                 name,
                 "out['pred']",
-                f"expected logits (N, C) or (N, C, d1, ...), got shape {fmt_shape(pred.shape)}",
-            )
+                f"expected logits (N, C) or (N, C, d1, ...), got shape {fmt_shape(shape)}",
+            ) from cause
+        if shape[1] == 0:
+            raise InputError(name, "out['pred']", f"has no classes (shape {fmt_shape(shape)})") from cause
         if tgt.device != pred.device:
             raise InputError(
                 name, "target['target']", f"on {tgt.device}, but out['pred'] is on {pred.device}"
-            )
-        num_classes = pred.shape[1]
-        if num_classes == 0:
-            raise InputError(name, "out['pred']", f"has no classes (shape {fmt_shape(pred.shape)})")
-        weights = self.class_weights
-        if weights is not None and weights.shape[0] != num_classes:
-            raise InputError(
-                name,
-                "out['pred']",
-                f"has C = {num_classes} classes (shape {fmt_shape(pred.shape)}), but class_weights has "
-                f"{weights.shape[0]} values",
-            )
-        cfg = self.config
+            ) from cause
         if tgt.is_floating_point():
-            if tgt.shape != pred.shape:
+            if tgt.shape != shape:
                 raise InputError(
                     name,
                     "target['target']",
                     f"float targets are class probabilities and need the shape of out['pred'] "
-                    f"{fmt_shape(pred.shape)}, got {fmt_shape(tgt.shape)}; class indices must be an "
+                    f"{fmt_shape(shape)}, got {fmt_shape(tgt.shape)}; class indices must be an "
                     "integer tensor",
-                )
-        else:
-            expected = (pred.shape[0], *pred.shape[2:])
-            if tgt.dtype == torch.bool or tgt.is_complex():
-                raise InputError(
-                    name,
-                    "target['target']",
-                    f"expected integer class indices or float probabilities, got {tgt.dtype}",
-                )
-            if tuple(tgt.shape) != expected:
-                raise InputError(
-                    name,
-                    "target['target']",
-                    f"class indices for out['pred'] of shape {fmt_shape(pred.shape)} need shape "
-                    f"{fmt_shape(expected)}, got {fmt_shape(tgt.shape)}",
-                )
-            if tgt.device.type != "cpu" and value_checks_enabled(tgt):
-                self._check_range(tgt, num_classes)  # on CPU, torch's own check is translated below
-        try:
-            loss = cross_entropy(
-                pred,
-                tgt,
-                weight=weights,
-                ignore_index=cfg.ignore_index,
-                label_smoothing=cfg.label_smoothing,
-                normalize_across_ranks=cfg.normalize_across_ranks,
-            )
-        except (IndexError, RuntimeError) as exc:
-            if not tgt.is_floating_point():
-                self._check_range(tgt, num_classes, cause=exc)
-            raise
-        if value_checks_enabled(loss) and not math.isfinite(loss.item()):
-            self._explain_non_finite(pred, tgt)
-        return loss
+                ) from cause
+            return
+        if tgt.dtype not in _INDEX_DTYPES:
+            raise InputError(
+                name,
+                "target['target']",
+                f"expected integer class indices or float probabilities, got {tgt.dtype}",
+            ) from cause
+        expected = (shape[0], *shape[2:])
+        if tuple(tgt.shape) != expected:
+            raise InputError(
+                name,
+                "target['target']",
+                f"class indices for out['pred'] of shape {fmt_shape(shape)} need shape "
+                f"{fmt_shape(expected)}, got {fmt_shape(tgt.shape)}",
+            ) from cause
 
     def _explain_non_finite(self, pred: Tensor, tgt: Tensor) -> None:
         if not bool(torch.isfinite(pred).all()):
