@@ -18,7 +18,7 @@ events). ``losskit`` sizes the candidate tensors exactly (``candidate_slots="exa
 default); ``losskit static`` uses the bound known on the host (the accelerator default, no sync).
 The L1 term is on (all four terms computed).
 
-Run: ``flock /tmp/losskit-bench.lock python benchmarks/detection_yolox.py [--threads 1] [--reps 5]``.
+Run: ``flock /tmp/losskit-bench.lock python benchmarks/detection_yolox.py [--threads 1] [--repeats 5]``.
 """
 
 from __future__ import annotations
@@ -143,13 +143,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch intra-op threads (default 1: stable numbers)"
     )
-    parser.add_argument("--reps", type=int, default=5, help="timed runs per measurement (after one warm-up)")
+    parser.add_argument(
+        "--repeats", "--reps", type=int, default=5, help="timed runs per measurement (after one warm-up)"
+    )
     parser.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     num_classes = 80
     print(
-        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads={args.threads}, reps={args.reps}"
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads={args.threads}, repeats={args.repeats}"
     )
     print()
     print(
@@ -177,7 +179,11 @@ def main(argv: list[str] | None = None) -> None:
             )
         rows = {}
         for label, fn in impls.items():
-            reps = args.reps if label != "YOLOX-structured loop" or name == "coco" else max(2, args.reps // 2)
+            reps = (
+                args.repeats
+                if label != "YOLOX-structured loop" or name == "coco"
+                else max(2, args.repeats // 2)
+            )
             rows[label] = (timed(fn, out, reps, False), timed(fn, out, reps, True), peak_memory(fn, out))
         base = rows.get("YOLOX-structured loop")
         for label, (fwd, both, mem) in rows.items():
