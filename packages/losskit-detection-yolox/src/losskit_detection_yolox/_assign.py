@@ -284,14 +284,17 @@ def find_candidates(
         capacity: how the number ``K`` of slots is chosen: ``exact`` reads the largest candidate count
             of the batch back to the host (a device synchronisation on accelerators), ``static`` uses
             :func:`candidate_capacity` (known on the host, no synchronisation), ``auto`` is ``exact``
-            for CPU tensors and ``static`` otherwise. The assignment does not depend on it.
+            for CPU tensors and ``static`` otherwise (and while ``torch.compile`` traces, where a read
+            would break the graph). The assignment does not depend on it.
     """
     union = _candidate_union(gts, batch_size, grid, center_radius)
     count = union.sum(1)
     device = union.device
     if gts.max_count == 0:
         k = 0
-    elif capacity == "exact" or (capacity == "auto" and device.type == "cpu"):
+    elif capacity == "exact" or (
+        capacity == "auto" and device.type == "cpu" and not torch.compiler.is_compiling()
+    ):
         k = int(count.max())  # reads one number back; free on CPU, a synchronisation elsewhere
     else:
         k = candidate_capacity(gts.max_count, grid, center_radius)

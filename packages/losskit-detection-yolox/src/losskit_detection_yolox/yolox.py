@@ -615,7 +615,8 @@ class YOLOXLoss(Criterion):
             "auto",
             doc="Sizing of the candidate tensors: 'exact' reads the largest candidate count back "
             "(a device sync; least memory), 'static' uses a bound known on the host (no sync), "
-            "'auto' is exact on CPU and static on accelerators. The result is the same.",
+            "'auto' is exact on CPU and static on accelerators and under torch.compile. The result is "
+            "the same.",
         )
 
     @property

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from typing import Any
 
 import torch
@@ -48,21 +49,26 @@ def autocast_off(device_type: str) -> contextlib.AbstractContextManager[Any]:
 def _interp(
     in_size: int, out_size: int, align_corners: bool
 ) -> tuple[Tensor, tuple[int, ...], tuple[int, ...]]:
-    """``R`` (float64 CPU, ``(out_size, in_size)``) and the first/last input index of each output."""
-    dst = torch.arange(out_size, dtype=torch.float64)
+    """``R`` (float64 CPU, ``(out_size, in_size)``) and the first/last input index of each output.
+
+    The source positions are computed in Python floats (the float64 arithmetic torch's kernel does,
+    in the same order), so the indices are plain ints: nothing is read back from a tensor, which keeps
+    the band bounds static under ``torch.compile``.
+    """
     if align_corners:
         scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
-        src = dst * scale
+        src = [d * scale for d in range(out_size)]
     else:
-        src = ((dst + 0.5) * (in_size / out_size) - 0.5).clamp(min=0.0)
-    lo = src.floor().to(torch.int64).clamp(max=in_size - 1)
-    hi = (lo + 1).clamp(max=in_size - 1)
-    lam = (src - lo.to(torch.float64)).clamp(0.0, 1.0)
+        ratio = in_size / out_size
+        src = [max((d + 0.5) * ratio - 0.5, 0.0) for d in range(out_size)]
+    lo = [min(math.floor(v), in_size - 1) for v in src]
+    hi = [min(i + 1, in_size - 1) for i in lo]
+    lam = torch.tensor([min(max(v - i, 0.0), 1.0) for v, i in zip(src, lo)], dtype=torch.float64)
     index = torch.arange(out_size)
     weights = torch.zeros(out_size, in_size, dtype=torch.float64)
-    weights.index_put_((index, lo), 1.0 - lam, accumulate=True)
-    weights.index_put_((index, hi), lam, accumulate=True)
-    return weights, tuple(lo.tolist()), tuple(hi.tolist())  # CPU tensors: no device sync
+    weights.index_put_((index, torch.tensor(lo, dtype=torch.int64)), 1.0 - lam, accumulate=True)
+    weights.index_put_((index, torch.tensor(hi, dtype=torch.int64)), lam, accumulate=True)
+    return weights, tuple(lo), tuple(hi)
 
 
 @functools.lru_cache(maxsize=64)

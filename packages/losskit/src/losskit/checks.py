@@ -5,7 +5,8 @@ Shape, dtype and key checks are free (no device sync) and always run. *Value* ch
 range, finite boxes) read tensor values, which forces a host-device sync on accelerators. They are
 governed by the ``LOSSKIT_VALUE_CHECKS`` environment variable or :func:`set_value_checks`:
 
-* ``auto`` (default): run value checks for CPU tensors only (no sync cost there);
+* ``auto`` (default): run value checks for CPU tensors only (no sync cost there), and not while
+  ``torch.compile`` traces the code (a read of a value would break the graph);
 * ``always``: also on accelerators (debugging; costs a sync per check);
 * ``never``: skip them everywhere.
 """
@@ -52,7 +53,9 @@ def value_checks_enabled(tensor: Tensor) -> bool:
     mode = _mode()
     if mode == "never":
         return False
-    return mode == "always" or tensor.device.type == "cpu"
+    if mode == "always":
+        return True
+    return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def fmt_shape(shape: torch.Size | tuple[int, ...]) -> str:
