@@ -76,6 +76,8 @@ _cross_entropy_loss: Callable[[Tensor, Tensor, Tensor | None, int, int, float], 
 )
 _MEAN = 1  # at::Reduction::Mean
 _FAST_DTYPES = frozenset({torch.float32, torch.float64})  # computed as given (others in float32)
+#: True while torch.compile traces: the CPU path's read-back would break the graph, so it is skipped.
+_is_compiling = torch.compiler.is_compiling
 
 
 def _cross_entropy(
@@ -98,7 +100,7 @@ def _cross_entropy(
             ), False
         return F.cross_entropy(x, t, weight=weight, label_smoothing=label_smoothing), False
     t = target if target.dtype == torch.int64 else target.long()
-    if not normalize_across_ranks and x.device.type == "cpu":
+    if not normalize_across_ranks and x.device.type == "cpu" and not _is_compiling():
         loss = _cross_entropy_loss(x, t, weight, _MEAN, ignore_index, label_smoothing)
         if math.isfinite(loss.item()):  # a CPU read: no synchronisation
             return loss, True
@@ -228,6 +230,7 @@ class CrossEntropy(Criterion):
             and tgt.dim() == pred.dim() - 1
             and (weights is None or weights.dtype is pred.dtype)
             and not cfg.normalize_across_ranks
+            and not _is_compiling()
         ):
             # The common case, which runs every step: int64 class indices on CPU, where torch's own
             # kernel checks the sizes, the weights' length and the class range (its errors are
@@ -237,7 +240,9 @@ class CrossEntropy(Criterion):
                 loss = _cross_entropy_loss(pred, tgt, weights, _MEAN, cfg.ignore_index, cfg.label_smoothing)
             except (IndexError, RuntimeError, ValueError) as exc:
                 self._check_index_inputs(pred, tgt, weights, cause=exc)
-                raise
+                # the inputs are fine, so torch refused something the general path converts (e.g.
+                # class weights left on another device): let it run, or raise torch's error
+                return self._forward(pred, tgt, weights)
             if math.isfinite(loss.item()):
                 return loss
         return self._forward(pred, tgt, weights)
