@@ -323,6 +323,16 @@ def test_cpu_index_targets_run_only_torchs_kernels(shape, weighted):
     assert ours.ops == [*ref.ops, torch.ops.aten._local_scalar_dense.default]
 
 
+def test_all_ignored_on_cpu_runs_torchs_kernel_once_then_the_sum_path():
+    x, t = _batch((6, 4), seed=2)
+    t[:] = -100
+    with _RecordOps() as ops:
+        loss = CrossEntropy()({"pred": x}, {"target": t})
+    assert loss.item() == 0.0
+    assert ops.ops.count(torch.ops.aten._log_softmax.default) == 2  # torch's kernel, then the sum path
+    assert torch.ops.aten.clamp_min.default in ops.ops
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("smoothing", [0.0, 0.3])
 @pytest.mark.parametrize("weighted", [False, True])

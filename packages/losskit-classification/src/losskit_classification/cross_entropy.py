@@ -87,8 +87,12 @@ def _cross_entropy(
     ignore_index: int,
     label_smoothing: float,
     normalize_across_ranks: bool,
+    read_back: bool = True,
 ) -> tuple[Tensor, bool]:
-    """:func:`cross_entropy`, and whether its value was read back and is finite (CPU index targets)."""
+    """:func:`cross_entropy`, and whether its value was read back and is finite (CPU index targets).
+
+    ``read_back=False`` skips the CPU kernel-and-read path (a caller that already tried it).
+    """
     x = pred if pred.dtype in _FAST_DTYPES else pred.float()
     if weight is not None and (weight.dtype != x.dtype or weight.device != x.device):
         weight = weight.to(device=x.device, dtype=x.dtype)
@@ -100,7 +104,7 @@ def _cross_entropy(
             ), False
         return F.cross_entropy(x, t, weight=weight, label_smoothing=label_smoothing), False
     t = target if target.dtype == torch.int64 else target.long()
-    if not normalize_across_ranks and x.device.type == "cpu" and not _is_compiling():
+    if read_back and not normalize_across_ranks and x.device.type == "cpu" and not _is_compiling():
         loss = _cross_entropy_loss(x, t, weight, _MEAN, ignore_index, label_smoothing)
         if math.isfinite(loss.item()):  # a CPU read: no synchronisation
             return loss, True
@@ -245,9 +249,10 @@ class CrossEntropy(Criterion):
                 return self._forward(pred, tgt, weights)
             if math.isfinite(loss.item()):
                 return loss
+            return self._forward(pred, tgt, weights, read_back=False)  # all ignored, or non-finite
         return self._forward(pred, tgt, weights)
 
-    def _forward(self, pred: Tensor, tgt: Tensor, weights: Tensor | None) -> Tensor:
+    def _forward(self, pred: Tensor, tgt: Tensor, weights: Tensor | None, read_back: bool = True) -> Tensor:
         """Every other case: all the checks first, then :func:`cross_entropy`'s computation."""
         if not pred.is_floating_point():
             pred, tgt = self._check_inputs({"pred": pred}, {"target": tgt})
@@ -260,7 +265,13 @@ class CrossEntropy(Criterion):
         cfg = self.config
         try:
             loss, finite = _cross_entropy(
-                pred, tgt, weights, cfg.ignore_index, cfg.label_smoothing, cfg.normalize_across_ranks
+                pred,
+                tgt,
+                weights,
+                cfg.ignore_index,
+                cfg.label_smoothing,
+                cfg.normalize_across_ranks,
+                read_back,
             )
         except (IndexError, RuntimeError) as exc:
             if not soft:
