@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from losskit import Criterion, InputError, option
-from losskit.checks import fmt_shape, get_tensor, value_checks_enabled
+from losskit.checks import fmt_shape, get_tensor, reads_are_free, value_checks_enabled
 from losskit.dist import global_mean
 
 __all__ = ["CrossEntropy", "cross_entropy"]
@@ -76,8 +76,6 @@ _cross_entropy_loss: Callable[[Tensor, Tensor, Tensor | None, int, int, float], 
 )
 _MEAN = 1  # at::Reduction::Mean
 _FAST_DTYPES = frozenset({torch.float32, torch.float64})  # computed as given (others in float32)
-#: True while torch.compile traces: the CPU path's read-back would break the graph, so it is skipped.
-_is_compiling = torch.compiler.is_compiling
 
 
 def _cross_entropy(
@@ -104,7 +102,7 @@ def _cross_entropy(
             ), False
         return F.cross_entropy(x, t, weight=weight, label_smoothing=label_smoothing), False
     t = target if target.dtype == torch.int64 else target.long()
-    if read_back and not normalize_across_ranks and x.device.type == "cpu" and not _is_compiling():
+    if read_back and not normalize_across_ranks and reads_are_free(x):
         loss = _cross_entropy_loss(x, t, weight, _MEAN, ignore_index, label_smoothing)
         if math.isfinite(loss.item()):  # a CPU read: no synchronisation
             return loss, True
@@ -228,13 +226,12 @@ class CrossEntropy(Criterion):
         if (
             tgt.dtype is torch.int64
             and pred.dtype in _FAST_DTYPES
-            and pred.is_cpu
             and tgt.is_cpu
             and pred.dim() >= 2
             and tgt.dim() == pred.dim() - 1
             and (weights is None or weights.dtype is pred.dtype)
             and not cfg.normalize_across_ranks
-            and not _is_compiling()
+            and reads_are_free(pred)
         ):
             # The common case, which runs every step: int64 class indices on CPU, where torch's own
             # kernel checks the sizes, the weights' length and the class range (its errors are

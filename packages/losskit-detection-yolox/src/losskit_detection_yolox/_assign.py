@@ -27,6 +27,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from losskit.checks import reads_are_free
+
 __all__ = [
     "AnchorGrid",
     "Assignment",
@@ -292,9 +294,7 @@ def find_candidates(
     device = union.device
     if gts.max_count == 0:
         k = 0
-    elif capacity == "exact" or (
-        capacity == "auto" and device.type == "cpu" and not torch.compiler.is_compiling()
-    ):
+    elif capacity == "exact" or (capacity == "auto" and reads_are_free(count)):
         k = int(count.max())  # reads one number back; free on CPU, a synchronisation elsewhere
     else:
         k = candidate_capacity(gts.max_count, grid, center_radius)

@@ -22,7 +22,22 @@ from torch import Tensor
 
 from losskit.errors import ConfigError, InputError
 
-__all__ = ["fmt_shape", "get_box_targets", "get_tensor", "set_value_checks", "value_checks_enabled"]
+__all__ = [
+    "fmt_shape",
+    "get_box_targets",
+    "get_tensor",
+    "reads_are_free",
+    "set_value_checks",
+    "value_checks_enabled",
+]
+
+try:
+    from torch.compiler import is_compiling as _is_compiling
+except ImportError:  # torch < 2.3 has no public flag: compiled code breaks its graph at reads, as it did
+
+    def _is_compiling() -> bool:
+        return False
+
 
 ValueChecks = Literal["auto", "always", "never"]
 _MODES = ("auto", "always", "never")
@@ -48,14 +63,22 @@ def _mode() -> str:
     return mode
 
 
+def reads_are_free(tensor: Tensor) -> bool:
+    """Whether reading ``tensor``'s values on the host costs nothing: a CPU tensor (no device to wait
+    for), outside ``torch.compile`` tracing (where a read would break the graph).
+
+    The one place that decides it: value checks in ``auto`` mode and the criteria's CPU-only reads
+    (cross_entropy's read-back, YOLOX's exact candidate sizing) all ask here.
+    """
+    return tensor.is_cpu and not _is_compiling()
+
+
 def value_checks_enabled(tensor: Tensor) -> bool:
     """Whether checks that read ``tensor``'s values should run (see the module doc)."""
     mode = _mode()
     if mode == "never":
         return False
-    if mode == "always":
-        return True
-    return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
+    return mode == "always" or reads_are_free(tensor)
 
 
 def fmt_shape(shape: torch.Size | tuple[int, ...]) -> str:
