@@ -10,7 +10,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 import torch
 from torch import Tensor, nn
 
-from losskit.errors import ConfigError, Problem
+from losskit.errors import ConfigError, LosskitError, Problem
 from losskit.schema import validate_config
 
 __all__ = ["ConfigT", "Criterion", "LossTerms"]
@@ -30,9 +30,12 @@ class LossTerms(dict[str, Tensor]):
         super().__init__(terms)
         self.diagnostics: dict[str, Tensor] = dict(diagnostics or {})
 
+    @property
     def total(self) -> Tensor:
-        """The sum of the terms (the criterion's loss)."""
+        """The sum of the terms (the criterion's loss), like :attr:`losskit.LossResult.total`."""
         values = list(self.values())
+        if not values:
+            raise LosskitError("LossTerms.total: there are no terms to sum")
         result = values[0]
         for v in values[1:]:
             result = result + v
