@@ -30,7 +30,7 @@ def _leaves(out):
 
 
 def _total(result):
-    return result.total() if isinstance(result, losskit.LossTerms) else result
+    return result.total if isinstance(result, losskit.LossTerms) else result
 
 
 @pytest.fixture(autouse=True)

@@ -13,8 +13,16 @@ import losskit
 from losskit.checks import fmt_shape, get_tensor
 
 
-def charbonnier_loss(pred: Tensor, target: Tensor, eps: float = 1e-3, reduction: str = "mean") -> Tensor:
-    """Charbonnier loss of ``pred`` against ``target`` (same shape), reduced by mean or sum."""
+def charbonnier_loss(
+    pred: Tensor, target: Tensor, eps: float = 1e-3, reduction: Literal["mean", "sum"] = "mean"
+) -> Tensor:
+    """Charbonnier loss of ``pred`` against ``target`` (same shape), reduced by mean or sum.
+
+    Raises:
+        losskit.ConfigError: ``reduction`` is not ``"mean"`` or ``"sum"``.
+    """
+    if reduction not in ("mean", "sum"):
+        raise losskit.ConfigError(f"charbonnier_loss: reduction must be 'mean' or 'sum', got {reduction!r}")
     loss = torch.sqrt((pred - target).square() + eps * eps)
     return loss.mean() if reduction == "mean" else loss.sum()
 
