@@ -12,7 +12,16 @@ import torch
 
 import losskit
 from losskit.schema import describe_fields
-from losskit_detection_detr import CostWeights, DetrLoss, LossWeights, MatcherConfig
+from losskit.testing import assert_defaults_match
+from losskit_detection_detr import (
+    CostWeights,
+    DetrLoss,
+    DetrLossConfig,
+    LossWeights,
+    MatcherConfig,
+    detr_loss,
+    detr_match,
+)
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "detection-detr.yaml"
 TERMS = ("vfl", "bbox", "giou", "aux_vfl", "aux_bbox", "aux_giou", "dn_vfl", "dn_bbox", "dn_giou")
@@ -100,6 +109,15 @@ def test_defaults_are_the_references() -> None:
     assert "matcher.weight_dict.cost_class" in names and "weight_dict.loss_vfl" in names
     assert all(f.doc for f in describe_fields(DetrLoss.Config))
     assert [n for n in names if "." not in n] == [f.name for f in dataclasses.fields(DetrLoss.Config)]
+
+
+def test_functional_defaults_come_from_the_config() -> None:
+    assert_defaults_match(detr_loss, DetrLossConfig)
+    assert_defaults_match(detr_match, DetrLossConfig)
+    out, target = DetrLoss().example(2)
+    got, want = detr_loss(out, target, alpha=0.5), DetrLoss(alpha=0.5)(out, target)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    assert detr_match(out, target)["dn"] is not None
 
 
 def test_term_names_follow_the_losses() -> None:

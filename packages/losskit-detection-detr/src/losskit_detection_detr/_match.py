@@ -20,8 +20,9 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from losskit import InputError
+from losskit_ops.boxes import box_iou_aligned
 
-__all__ = ["NAME", "hungarian", "pair_cost", "set_key", "xyxy"]
+__all__ = ["NAME", "giou", "hungarian", "iou_giou", "pair_cost", "set_key", "xyxy"]
 
 NAME = "detr_loss"
 
@@ -38,21 +39,16 @@ def xyxy(boxes: Tensor) -> Tensor:
 
 
 def iou_giou(b1: Tensor, b2: Tensor) -> tuple[Tensor, Tensor]:
-    """IoU and generalised IoU of broadcastable ``(..., 4)`` xyxy boxes (no epsilon, as DETR).
+    """IoU and generalised IoU of broadcastable ``(..., 4)`` xyxy boxes, without epsilon (as DETR).
 
     Reference: Rezatofighi et al., "Generalized Intersection over Union", CVPR 2019.
     """
-    area1 = (b1[..., 2] - b1[..., 0]) * (b1[..., 3] - b1[..., 1])
-    area2 = (b2[..., 2] - b2[..., 0]) * (b2[..., 3] - b2[..., 1])
-    lo = torch.maximum(b1[..., :2], b2[..., :2])
-    hi = torch.minimum(b1[..., 2:], b2[..., 2:])
-    wh = (hi - lo).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
-    union = area1 + area2 - inter
-    iou = inter / union
-    hull_wh = (torch.maximum(b1[..., 2:], b2[..., 2:]) - torch.minimum(b1[..., :2], b2[..., :2])).clamp(min=0)
-    hull = hull_wh[..., 0] * hull_wh[..., 1]
-    return iou, iou - (hull - union) / hull
+    return box_iou_aligned(b1, b2, kind="iou", eps=0.0), box_iou_aligned(b1, b2, kind="giou", eps=0.0)
+
+
+def giou(b1: Tensor, b2: Tensor) -> Tensor:
+    """Generalised IoU of broadcastable ``(..., 4)`` xyxy boxes, without epsilon (as DETR)."""
+    return box_iou_aligned(b1, b2, kind="giou", eps=0.0)
 
 
 def pair_cost(
@@ -93,8 +89,8 @@ def pair_cost(
     else:
         cls = -logits.softmax(-1).gather(2, index)
     l1 = (boxes[:, :, None, :] - gt_boxes[:, None, :, :]).abs().sum(-1)
-    _, giou = iou_giou(xyxy(boxes)[:, :, None, :], xyxy(gt_boxes)[:, None, :, :])
-    return cost_bbox * l1 + cost_class * cls - cost_giou * giou
+    overlap = giou(xyxy(boxes)[:, :, None, :], xyxy(gt_boxes)[:, None, :, :])
+    return cost_bbox * l1 + cost_class * cls - cost_giou * overlap
 
 
 def _solve(packed: np.ndarray) -> np.ndarray:

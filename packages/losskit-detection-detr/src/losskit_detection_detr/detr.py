@@ -10,7 +10,6 @@ Detection with Transformers", ECCV 2020.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -20,12 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
-from torchvision.ops import sigmoid_focal_loss
 
 from losskit import Criterion, InputError, LossTerms, option
 from losskit.checks import fmt_shape, get_box_targets, value_checks_enabled
 from losskit.dist import global_mean
+from losskit.tensors import autocast_off, graph_zero
 from losskit_detection_detr._match import NAME, hungarian, iou_giou, pair_cost, xyxy
+from losskit_ops import sigmoid_focal_loss_indexed
 
 __all__ = [
     "CostWeights",
@@ -532,20 +532,22 @@ def _sums(
     if "boxes" in losses:
         out["bbox"] = torch.where(ok[..., None], (pred_boxes - gt_boxes).abs(), 0.0).sum((1, 2, 3))
         out["giou"] = torch.where(ok, 1 - giou, 0.0).sum((1, 2))
-    if "vfl" in losses or "focal" in losses:
+    if "vfl" in losses:
         slot = torch.where(ok, query * c + labels, q * c)  # unmatched lanes write to a spare slot
         hit = x.new_zeros(k, b, q * c + 1).scatter_(2, slot, ok.to(work))[..., : q * c].view(k, b, q, c)
-        if "vfl" in losses:
-            score = torch.where(ok, iou.detach(), 0.0)
-            t = x.new_zeros(k, b, q * c + 1).scatter_(2, slot, score)[..., : q * c].view(k, b, q, c)
-            weight = alpha * x.detach().sigmoid().pow(gamma) * (1 - hit) + t
-            out["vfl"] = F.binary_cross_entropy_with_logits(x, t, weight=weight, reduction="none").sum(
-                (1, 2, 3)
-            )
-        if "focal" in losses:
-            out["focal"] = sigmoid_focal_loss(x, hit, alpha=alpha, gamma=gamma, reduction="none").sum(
-                (1, 2, 3)
-            )
+        score = torch.where(ok, iou.detach(), 0.0)
+        t = x.new_zeros(k, b, q * c + 1).scatter_(2, slot, score)[..., : q * c].view(k, b, q, c)
+        weight = alpha * x.detach().sigmoid().pow(gamma) * (1 - hit) + t
+        out["vfl"] = F.binary_cross_entropy_with_logits(x, t, weight=weight, reduction="none").sum((1, 2, 3))
+    if "focal" in losses:
+        # the class of each query: its matched gt's, or -1 (an all-zero one-hot row)
+        slot = torch.where(ok, query, q)
+        cls = torch.full((k, b, q + 1), -1, dtype=torch.int64, device=x.device)
+        cls = cls.scatter_(2, slot, torch.where(ok, labels, -1))[..., :q]
+        each = sigmoid_focal_loss_indexed(
+            x.reshape(-1, c), cls.reshape(-1), alpha=alpha, gamma=gamma, reduction="none"
+        )
+        out["focal"] = each.view(k, -1).sum(1)
     if "labels" in losses:
         no_object = c - 1
         slot = torch.where(ok, query, q)
@@ -557,14 +559,6 @@ def _sums(
     return out
 
 
-def _zero(leaves: Sequence[Tensor]) -> Tensor:
-    """A float32 zero connected to the graphs of ``leaves`` (zero gradients, even through NaN)."""
-    total = torch.zeros((), dtype=torch.float32, device=leaves[0].device)
-    for t in leaves:
-        total = total + t.flatten()[:0].sum().to(torch.float32)
-    return total
-
-
 def _term_names(losses: Sequence[str]) -> tuple[str, ...]:
     return tuple(f"{g}{name}" for g in _GROUPS for loss in losses for name, _ in _TERMS[loss])
 
@@ -574,7 +568,7 @@ def _loss_of_batch(batch: _Batch, cfg: DetrLossConfig) -> LossTerms:
     device = gts.valid.device
     num_gt = gts.valid.sum().to(_COUNT)
     num_boxes = global_mean(num_gt, enabled=cfg.normalize_across_ranks, min=1.0)
-    zero = _zero(batch.main.leaves)
+    zero = graph_zero(*batch.main.leaves)
     terms: dict[str, Tensor] = {}
 
     def add(prefix: str, sums: dict[str, Tensor] | None, norm: Tensor) -> None:
@@ -610,13 +604,6 @@ def _loss_of_batch(batch: _Batch, cfg: DetrLossConfig) -> LossTerms:
     return LossTerms({name: terms[name] for name in _term_names(cfg.losses)}, diagnostics)
 
 
-def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    try:
-        return torch.autocast(device.type, enabled=False)
-    except RuntimeError:  # a device type without autocast (e.g. meta)
-        return contextlib.nullcontext()
-
-
 def _pairs_per_image(assign: Tensor) -> list[tuple[Tensor, Tensor]]:
     """``(query, gt)`` int64 per image from an ``(B, N)`` assignment, queries ascending (as scipy)."""
     result = []
@@ -629,7 +616,7 @@ def _pairs_per_image(assign: Tensor) -> list[tuple[Tensor, Tensor]]:
 
 
 def _match(batch: _Batch, cfg: DetrLossConfig) -> Matches:
-    with _no_autocast(batch.gts.valid.device):
+    with autocast_off(batch.gts.valid.device):
         assign = _hungarian(batch, cfg.matcher)
     sets = [_pairs_per_image(a) for a in assign]
     dn = None
@@ -701,7 +688,7 @@ def detr_match(
     return DetrLoss(matcher=matcher).match(out, target)
 
 
-class DetrLoss(Criterion):
+class DetrLoss(Criterion[DetrLossConfig]):
     """RT-DETR set criterion: Hungarian matching per output set, then varifocal (or focal, or
     cross-entropy) and L1 + GIoU box terms, for the final layer, the aux sets and the denoising layers.
 
@@ -746,7 +733,7 @@ class DetrLoss(Criterion):
 
     def forward(self, out: Mapping[str, Any], target: Mapping[str, Any]) -> LossTerms:
         batch = self._batch(out, target)
-        with _no_autocast(batch.gts.valid.device):
+        with autocast_off(batch.gts.valid.device):
             return _loss_of_batch(batch, self.config)
 
     @torch.no_grad()
