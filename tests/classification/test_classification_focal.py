@@ -3,23 +3,20 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torchvision
+from classification_testlib import rel_diff
 
 import losskit
+from losskit.testing import assert_defaults_match
 from losskit_classification import (
     FocalLoss,
+    FocalLossConfig,
     focal_loss,
     sigmoid_focal_loss,
     sigmoid_focal_loss_indexed,
 )
-
-sys.path.insert(0, str(Path(__file__).parent))
-from classification_testlib import rel_diff
 
 tv_focal = torchvision.ops.sigmoid_focal_loss
 
@@ -188,3 +185,15 @@ def test_no_host_sync_with_value_checks_off():
             sigmoid_focal_loss_indexed(x, torch.tensor([0, 1, -1, 4, 2, 2]), weight=w).backward()
     finally:
         losskit.set_value_checks(None)
+
+
+def test_functional_defaults_come_from_the_config():
+    assert_defaults_match(focal_loss, FocalLossConfig)
+    assert FocalLoss.Config is FocalLossConfig
+
+
+def test_device_mismatch_names_both_keys_and_devices():
+    with pytest.raises(losskit.InputError) as info:
+        FocalLoss()({"pred": torch.randn(4, 3)}, {"target": torch.zeros(4, 3, device="meta")})
+    msg = str(info.value)
+    assert "target['target']" in msg and "out['pred']" in msg and "meta" in msg and "cpu" in msg

@@ -13,8 +13,9 @@ governed by the ``LOSSKIT_VALUE_CHECKS`` environment variable or :func:`set_valu
 
 from __future__ import annotations
 
+import numbers
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -24,11 +25,14 @@ from losskit.errors import ConfigError, InputError
 
 __all__ = [
     "check_same_device",
+    "explain_non_finite",
     "fmt_shape",
     "get_box_targets",
     "get_tensor",
+    "integral_scalar",
     "missing_key_error",
     "reads_are_free",
+    "real_scalar",
     "set_value_checks",
     "value_checks_enabled",
 ]
@@ -204,3 +208,55 @@ def get_box_targets(
         boxes_list.append(boxes)
         labels_list.append(labels)
     return boxes_list, labels_list
+
+
+def explain_non_finite(
+    criterion: str, inputs: Iterable[tuple[str, Tensor | None]], otherwise: tuple[str, str]
+) -> InputError:
+    """The :class:`InputError` for a non-finite loss: it names the first of ``inputs`` (``(key, tensor)``
+    pairs, e.g. ``("out['pred']", pred)``) that holds NaN or inf, else says ``otherwise`` (``(key,
+    message)``: what else makes the loss non-finite, e.g. probabilities outside ``[0, 1]``).
+
+    It reads tensor values (a host-device sync on accelerators): call it only where
+    :func:`value_checks_enabled` allows, after the loss turned out non-finite. Integer tensors are
+    skipped (always finite); the caller raises the returned error.
+    """
+    for key, t in inputs:
+        if t is not None and (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            return InputError(criterion, key, "contains non-finite values (NaN or infinite)")
+    return InputError(criterion, *otherwise)
+
+
+def _integral_value(value: Any) -> int | None:
+    if isinstance(value, bool):  # numpy's bool is no numbers.Integral either
+        return None
+    if isinstance(value, Tensor):
+        if value.dim() != 0 or value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
+            return None
+        return int(value.item())  # a 0-d integer tensor (a read: free for the usual CPU tensor)
+    if isinstance(value, numbers.Integral):  # int, numpy integers
+        return int(value)
+    return None
+
+
+def integral_scalar(value: Any) -> int | None:
+    """``value`` as an ``int`` when it is an integral scalar (``int``, a numpy integer, a 0-d integer
+    tensor), else ``None``; ``bool`` is not an integer here."""
+    return _integral_value(value)
+
+
+def real_scalar(value: Any) -> float | None:
+    """``value`` as a ``float`` when it is a real scalar (``int``, ``float``, a numpy number, a 0-d
+    integer or floating tensor), else ``None``; ``bool`` and complex values are not."""
+    as_int = _integral_value(value)
+    if as_int is not None:
+        return float(as_int)
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, Tensor):
+        if value.dim() != 0 or not value.is_floating_point():
+            return None
+        return float(value.item())
+    if isinstance(value, numbers.Real):  # float, numpy floating
+        return float(value)
+    return None
