@@ -21,6 +21,8 @@ PLUGIN_DEPS = {"detection-retinanet": ("classification",)}
 SHARED_REQUIREMENTS = ("torch==2.14.1", "torchvision==0.29.1", "numpy", "pytest>=8", "hypothesis>=6.100")
 SHARED_ENV = Path(os.environ.get("LOSSKIT_SHARED_ENV", ROOT / ".nox" / "_torch"))
 TEST_PLUGIN = "tests/plugins/losskit-charbonnier"
+# Config libraries the tests feed configs from; not dependencies of any losskit package.
+CONFIG_LIBRARIES = ("omegaconf>=2.1", "hydra-core>=1.3")
 
 nox.options.default_venv_backend = "venv"
 nox.options.sessions = ["core", "plugin", "integration", "lint"]
@@ -79,8 +81,8 @@ def _plugin_paths(plugin: str) -> list[str]:
 
 @nox.session
 def core(session: nox.Session) -> None:
-    """Core alone: registry, config loader, composite, CLI, with a tiny third-party test plugin."""
-    _install(session, "packages/losskit", TEST_PLUGIN)
+    """Core alone: registry, config loader (also from OmegaConf/Hydra), composite, CLI, a test plugin."""
+    _install(session, "packages/losskit", TEST_PLUGIN, *CONFIG_LIBRARIES)
     _pytest(session, "tests/core")
 
 
@@ -95,7 +97,13 @@ def plugin(session: nox.Session, plugin: str) -> None:
 @nox.session
 def integration(session: nox.Session) -> None:
     """Everything installed: every config in configs/, the CLI main job, docs freshness, DDP example."""
-    _install(session, "packages/losskit", *(f"packages/losskit-{p}" for p in PLUGINS), TEST_PLUGIN)
+    _install(
+        session,
+        "packages/losskit",
+        *(f"packages/losskit-{p}" for p in PLUGINS),
+        TEST_PLUGIN,
+        *CONFIG_LIBRARIES,
+    )
     _pytest(session, "tests/integration", plugins=PLUGINS)
 
 
