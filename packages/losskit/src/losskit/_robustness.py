@@ -135,7 +135,12 @@ def _clone(tree: Any) -> Any:
 
 def _snapshot(tree: Any) -> Any:
     if isinstance(tree, Tensor):
-        return (tree.shape, tree.dtype, tree.device, tree.detach().clone() if tree.device.type != "meta" else None)
+        return (
+            tree.shape,
+            tree.dtype,
+            tree.device,
+            tree.detach().clone() if tree.device.type != "meta" else None,
+        )
     if isinstance(tree, Mapping):
         return {k: _snapshot(v) for k, v in tree.items()}
     if isinstance(tree, (list, tuple)):
@@ -160,7 +165,7 @@ def _same_snapshot(a: Any, b: Any) -> bool:
 # -- the mutations -------------------------------------------------------------------------------------
 
 
-def _replace(path: Path, fn: Callable[[Tensor], Tensor]) -> Callable[..., tuple[dict[str, Any], dict[str, Any]]]:
+def _replace(path: Path, fn: Callable[[Tensor], Any]) -> Callable[..., tuple[dict[str, Any], dict[str, Any]]]:
     def apply(out: dict[str, Any], target: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         roots = {"out": out, "target": target}
         old = _get(roots, path)
@@ -173,7 +178,7 @@ def _replace(path: Path, fn: Callable[[Tensor], Tensor]) -> Callable[..., tuple[
     return apply
 
 
-def _poke(value: float) -> Callable[[Tensor], Tensor]:
+def _poke(value: float) -> Callable[[Tensor], Any]:
     def fn(t: Tensor) -> Tensor:
         t = t.detach().clone()
         t.view(-1)[t.numel() // 2] = value
@@ -212,7 +217,12 @@ def _out_of_range(t: Tensor) -> Tensor:
 
 def _tensor_mutations(path: Path, t: Tensor) -> Iterator[Mutation]:
     key, name = str(path[1]), _fmt(path)
-    yield Mutation(f"not-a-tensor {name}", _replace(path, lambda x: x.tolist() if x.device.type != "meta" else 0), key, "error")
+    yield Mutation(
+        f"not-a-tensor {name}",
+        _replace(path, lambda x: x.tolist() if x.device.type != "meta" else 0),
+        key,
+        "error",
+    )
     yield Mutation(f"meta-device {name}", _replace(path, lambda x: x.to("meta")), key, "error")
     if t.dim() >= 1:
         yield Mutation(f"extra-dim {name}", _replace(path, lambda x: x.unsqueeze(0)), key, "finite")
@@ -236,7 +246,9 @@ def _tensor_mutations(path: Path, t: Tensor) -> Iterator[Mutation]:
         if t.numel():
             yield Mutation(f"nan {name}", _replace(path, _poke(math.nan)), key, "any")
             yield Mutation(f"inf {name}", _replace(path, _poke(math.inf)), key, "any")
-            yield Mutation(f"huge {name}", _replace(path, _poke(1e19 if path[0] == "out" else 1e6)), key, "finite")
+            yield Mutation(
+                f"huge {name}", _replace(path, _poke(1e19 if path[0] == "out" else 1e6)), key, "finite"
+            )
         if _boxes_like(path, t):
             yield Mutation(f"degenerate-box {name}", _replace(path, _degenerate), key, "finite")
             yield Mutation(f"inverted-box {name}", _replace(path, _inverted), key, "finite")
@@ -358,13 +370,18 @@ def _run_one(
     if m.expect == "error":
         return f"[{mode}] {m.name}: expected an error naming {m.key!r}, got a result", False
     if m.expect in ("finite", "same") and not (_finite(value) and all(map(_finite, grads))):
-        return f"[{mode}] {m.name}: finite inputs gave a non-finite loss or gradient ({value.tolist()})", False
+        return (
+            f"[{mode}] {m.name}: finite inputs gave a non-finite loss or gradient ({value.tolist()})",
+            False,
+        )
     if m.expect == "same" and not torch.allclose(value.to(ref.dtype), ref, rtol=1e-5, atol=1e-6):
         return f"[{mode}] {m.name}: changed the result ({value.tolist()} vs {ref.tolist()})", False
     return None, False
 
 
-def _check_threads(crit: Criterion[Any], base: tuple[dict[str, Any], dict[str, Any]], ref: Tensor) -> str | None:
+def _check_threads(
+    crit: Criterion[Any], base: tuple[dict[str, Any], dict[str, Any]], ref: Tensor
+) -> str | None:
     results: list[Any] = [None, None]
 
     def work(i: int) -> None:
