@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import losskit
-from losskit.checks import check_same_device, missing_key_error
+from losskit.checks import check_same_device, explain_non_finite, missing_key_error
 from losskit.tensors import autocast_off, graph_zero
 from losskit.testing import assert_defaults_match
 
@@ -53,6 +53,16 @@ def test_check_same_device_names_both_keys_and_devices():
     assert str(info.value) == (
         "foo_loss: target['target']: is on meta, but out['pred'] is on cpu; move both to the same device"
     )
+
+
+def test_explain_non_finite_names_the_first_non_finite_input():
+    ok, bad = torch.ones(3), torch.tensor([1.0, float("inf")])
+    assert explain_non_finite("foo_loss", [("out['pred']", ok), ("x", None)]) is None
+    err = explain_non_finite("foo_loss", [("out['pred']", ok), ("out['aux']", bad), ("t", bad.neg())])
+    assert isinstance(err, losskit.InputError)
+    assert str(err) == "foo_loss: out['aux']: contains non-finite values (NaN or inf)"
+    nan = explain_non_finite("foo_loss", [("target['target']", torch.tensor(float("nan")))])
+    assert str(nan) == "foo_loss: target['target']: contains non-finite values (NaN or inf)"
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ governed by the ``LOSSKIT_VALUE_CHECKS`` environment variable or :func:`set_valu
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -24,6 +24,7 @@ from losskit.errors import ConfigError, InputError
 
 __all__ = [
     "check_same_device",
+    "explain_non_finite",
     "fmt_shape",
     "get_box_targets",
     "get_tensor",
@@ -114,6 +115,22 @@ def check_same_device(
                 name,
                 f"is on {t.device}, but {ref_name} is on {ref.device}; move both to the same device",
             )
+
+
+def explain_non_finite(
+    criterion: str, named_tensors: Iterable[tuple[str, Tensor | None]]
+) -> InputError | None:
+    """The :class:`InputError` naming the first of ``named_tensors`` (``("out['pred']", pred)`` pairs)
+    that holds NaN or inf, or ``None`` when every one is finite (``None`` entries are skipped).
+
+    For a criterion whose loss came out non-finite, to name the input behind it:
+    ``raise explain_non_finite(name, [("out['pred']", pred), ...]) or InputError(name, key, why)``.
+    It reads values (a host sync on accelerators): call it only where value checks run.
+    """
+    for where, t in named_tensors:
+        if t is not None and not bool(torch.isfinite(t).all()):
+            return InputError(criterion, where, "contains non-finite values (NaN or inf)")
+    return None
 
 
 def get_tensor(
