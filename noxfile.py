@@ -21,6 +21,7 @@ PLUGINS = (
     "detection-yolox",
     "detection-retinanet",
     "segmentation-pidnet",
+    "detection-detr",
 )
 #: Distributions below the plugins (no criterion of their own) that a plugin's session also installs.
 LIBRARIES = ("ops",)
@@ -113,7 +114,7 @@ def _all_packages() -> list[str]:
 
 @nox.session
 def core(session: nox.Session) -> None:
-    """Core alone: registry, config loader, composite, CLI, with a tiny third-party test plugin."""
+    """Core alone: registry, config loader (also from OmegaConf/Hydra), composite, CLI, a test plugin."""
     _install(session, "packages/losskit", TEST_PLUGIN)
     _pytest(session, "tests/core")
 

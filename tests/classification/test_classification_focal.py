@@ -144,10 +144,10 @@ def test_criterion_errors():
     _raises(crit, {"pred": torch.randn(2, 3, 4)}, {"target": torch.tensor([0, 1])}, "only for pred (N, C)")
     nan = x.clone()
     nan[1, 1] = float("nan")
-    _raises(crit, {"pred": nan}, {"target": torch.zeros(4, 3)}, "out['pred']", "NaN or infinite")
+    _raises(crit, {"pred": nan}, {"target": torch.zeros(4, 3)}, "out['pred']", "NaN or inf")
     bad_t = torch.zeros(4, 3)
     bad_t[0, 0] = float("inf")
-    _raises(crit, {"pred": x}, {"target": bad_t}, "target['target']", "NaN or infinite")
+    _raises(crit, {"pred": x}, {"target": bad_t}, "target['target']", "NaN or inf")
 
 
 def test_value_checks_never_skips_the_syncing_checks():

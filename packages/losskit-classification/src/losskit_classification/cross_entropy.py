@@ -351,13 +351,12 @@ class CrossEntropy(Criterion[CrossEntropyConfig]):
 
     def _explain_non_finite(self, pred: Tensor, tgt: Tensor) -> InputError:
         return explain_non_finite(
+            self.name, [("out['pred']", pred), ("target['target']", tgt)]
+        ) or InputError(
             self.name,
-            [("out['pred']", pred), ("target['target']", tgt)],
-            (
-                "target['target']",
-                "the loss is not finite: class probabilities must be finite and >= 0 (and class_weights "
-                "must not give every counted element a zero weight)",
-            ),
+            "target['target']",
+            "the loss is not finite: class probabilities must be finite and >= 0 (and class_weights must "
+            "not give every counted element a zero weight)",
         )
 
     def _check_range(self, tgt: Tensor, num_classes: int, cause: BaseException | None = None) -> None:

@@ -175,10 +175,8 @@ class FocalLoss(Criterion[FocalLossConfig]):
             count = torch.full((), float(pred.numel()), dtype=torch.float64, device=pred.device)  # no copy
             loss = loss / global_mean(count, enabled=True, min=1e-12).to(loss.dtype)
         if value_checks_enabled(loss) and not math.isfinite(loss.item()):
-            raise explain_non_finite(
-                name,
-                [("out['pred']", pred), ("target['target']", tgt)],
-                ("target['target']", "the loss is not finite; targets must be in [0, 1]"),
+            raise explain_non_finite(name, [("out['pred']", pred), ("target['target']", tgt)]) or InputError(
+                name, "target['target']", "the loss is not finite; targets must be in [0, 1]"
             )
         return loss
 

@@ -120,6 +120,22 @@ def check_same_device(
             )
 
 
+def explain_non_finite(
+    criterion: str, named_tensors: Iterable[tuple[str, Tensor | None]]
+) -> InputError | None:
+    """The :class:`InputError` naming the first of ``named_tensors`` (``("out['pred']", pred)`` pairs)
+    that holds NaN or inf, or ``None`` when every one is finite (``None`` entries are skipped).
+
+    For a criterion whose loss came out non-finite, to name the input behind it:
+    ``raise explain_non_finite(name, [("out['pred']", pred), ...]) or InputError(name, key, why)``.
+    It reads values (a host sync on accelerators): call it only where value checks run.
+    """
+    for where, t in named_tensors:
+        if t is not None and not bool(torch.isfinite(t).all()):
+            return InputError(criterion, where, "contains non-finite values (NaN or inf)")
+    return None
+
+
 def get_tensor(
     mapping: Any,
     key: str,
@@ -208,23 +224,6 @@ def get_box_targets(
         boxes_list.append(boxes)
         labels_list.append(labels)
     return boxes_list, labels_list
-
-
-def explain_non_finite(
-    criterion: str, inputs: Iterable[tuple[str, Tensor | None]], otherwise: tuple[str, str]
-) -> InputError:
-    """The :class:`InputError` for a non-finite loss: it names the first of ``inputs`` (``(key, tensor)``
-    pairs, e.g. ``("out['pred']", pred)``) that holds NaN or inf, else says ``otherwise`` (``(key,
-    message)``: what else makes the loss non-finite, e.g. probabilities outside ``[0, 1]``).
-
-    It reads tensor values (a host-device sync on accelerators): call it only where
-    :func:`value_checks_enabled` allows, after the loss turned out non-finite. Integer tensors are
-    skipped (always finite); the caller raises the returned error.
-    """
-    for key, t in inputs:
-        if t is not None and (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
-            return InputError(criterion, key, "contains non-finite values (NaN or infinite)")
-    return InputError(criterion, *otherwise)
 
 
 def _integral_value(value: Any) -> int | None:
