@@ -503,7 +503,10 @@ def _dn_pairs(batch: _Batch, positive: tuple[Tensor, ...]) -> tuple[Tensor, Tens
     gt = pad_sequence(gt_idx, batch_first=True)
     present = pad_sequence([torch.ones_like(g, dtype=torch.bool) for g in gt_idx], batch_first=True)
     ok = present & batch.gts.valid.gather(1, gt) if gt.shape[1] else present
-    return query, gt, ok
+    # an index outside the denoising queries (checked when value checks run) drops its pair
+    n_dn = batch.dn.logits.shape[2] if batch.dn is not None else 0
+    inside = (query >= 0) & (query < n_dn)
+    return query.clamp(0, max(n_dn - 1, 0)), gt, ok & inside
 
 
 # ------------------------------------------------------------------------------------------------ losses
