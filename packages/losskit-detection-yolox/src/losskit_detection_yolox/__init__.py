@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 from losskit_detection_yolox._assign import Assignment
-from losskit_detection_yolox.yolox import YOLOXLoss, yolox_assign, yolox_loss
+from losskit_detection_yolox.yolox import YOLOXLoss, YOLOXLossConfig, yolox_assign, yolox_loss
 
 __version__ = "0.1.0"
 
-__all__ = ["Assignment", "YOLOXLoss", "__version__", "yolox_assign", "yolox_loss"]
+__all__ = ["Assignment", "YOLOXLoss", "YOLOXLossConfig", "__version__", "yolox_assign", "yolox_loss"]
