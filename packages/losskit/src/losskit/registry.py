@@ -49,6 +49,7 @@ FIRST_PARTY: dict[str, str] = {
     "yolofastest_loss": "losskit-detection-yolox",
     "retinanet_loss": "losskit-detection-retinanet",
     "pidnet_loss": "losskit-segmentation-pidnet",
+    "detr_loss": "losskit-detection-detr",
 }
 
 
