@@ -16,6 +16,7 @@ from yolofastest_cases import V2_ANCHORS, fresh, make_batch
 
 import losskit
 from losskit.schema import describe_fields
+from losskit.testing import assert_defaults_match
 from losskit_detection_yolox import (
     YOLOFastestLoss,
     YOLOFastestLossConfig,
@@ -252,6 +253,12 @@ def test_defaults_are_netspresso_constants_and_anchors_are_required() -> None:
     assert all(f.doc for f in fields)
     with pytest.raises(losskit.ConfigError, match=r"yolofastest_loss\.anchors: required"):
         YOLOFastestLoss()
+    with pytest.raises(losskit.ConfigError, match=r"yolofastest_loss\.anchors: required"):
+        yolofastest_loss(
+            [torch.zeros(1, 1, 6, 2, 2)], [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0)}], 8
+        )
+    assert_defaults_match(yolofastest_loss, YOLOFastestLossConfig)
+    assert_defaults_match(yolofastest_assign, YOLOFastestLossConfig)
     with pytest.raises(losskit.ConfigError, match=r"level 1 has 5 values; expected \(w, h\) pairs"):
         YOLOFastestLoss(anchors=[[1, 2], [1, 2, 3, 4, 5]])
     with pytest.raises(losskit.ConfigError, match=r"anchors: item \[0\]: item \[1\]: -2 is out of range"):

@@ -14,13 +14,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
 from losskit import Criterion, InputError, LossTerms, option
 from losskit.checks import fmt_shape, value_checks_enabled
+from losskit.tensors import autocast_off
 from losskit_detection_yolox._assign import AnchorGrid, Assignment
 from losskit_detection_yolox.yolox import (
     _assign,
@@ -28,7 +29,6 @@ from losskit_detection_yolox.yolox import (
     _check_num_classes,
     _ground_truths,
     _img_size,
-    _no_autocast,
     _terms,
 )
 
@@ -214,7 +214,7 @@ def _decode_anchors(reg: Tensor, grid: AnchorGrid, index: Tensor) -> Tensor:
 
 
 def _loss_of_batch(batch: _Batch, cfg: YOLOFastestLossConfig) -> LossTerms:
-    with _no_autocast(batch.levels[0].device):
+    with autocast_off(batch.levels[0].device):
         cand = _assign(
             batch,
             center_radius=cfg.center_radius,
@@ -238,7 +238,7 @@ def _loss_of_batch(batch: _Batch, cfg: YOLOFastestLossConfig) -> LossTerms:
 
 @torch.no_grad()
 def _assignment(batch: _Batch, cfg: YOLOFastestLossConfig) -> Assignment:
-    with _no_autocast(batch.levels[0].device):
+    with autocast_off(batch.levels[0].device):
         cand = _assign(
             batch,
             center_radius=cfg.center_radius,
@@ -251,8 +251,7 @@ def _assignment(batch: _Batch, cfg: YOLOFastestLossConfig) -> Assignment:
 
 
 def _config(**fields: Any) -> YOLOFastestLossConfig:
-    config: YOLOFastestLossConfig = YOLOFastestLoss.make_config(**fields)
-    return config
+    return YOLOFastestLoss.make_config(**fields)
 
 
 def yolofastest_assign(
@@ -260,7 +259,7 @@ def yolofastest_assign(
     gt: Sequence[Mapping[str, Tensor]],
     img_size: int | tuple[int, int],
     *,
-    anchors: Sequence[Sequence[float]],
+    anchors: Sequence[Sequence[float]] | None = YOLOFastestLossConfig.anchors,
     num_classes: int | None = YOLOFastestLossConfig.num_classes,
     center_radius: float = YOLOFastestLossConfig.center_radius,
     candidate_topk: int = YOLOFastestLossConfig.candidate_topk,
@@ -298,7 +297,7 @@ def yolofastest_loss(
     gt: Sequence[Mapping[str, Tensor]],
     img_size: int | tuple[int, int],
     *,
-    anchors: Sequence[Sequence[float]],
+    anchors: Sequence[Sequence[float]] | None = YOLOFastestLossConfig.anchors,
     num_classes: int | None = YOLOFastestLossConfig.num_classes,
     reg_weight: float = YOLOFastestLossConfig.reg_weight,
     center_radius: float = YOLOFastestLossConfig.center_radius,
@@ -320,7 +319,8 @@ def yolofastest_loss(
         gt: B dicts ``{"boxes": (n_i, 4) xyxy in input pixels, "labels": (n_i,) int in [0, C)}``.
         img_size: ``H = W`` or ``(H, W)`` of the network input; the stride of level ``l`` is
             ``W / W_l`` along x and ``H / H_l`` along y.
-        anchors: per level, ``[w0, h0, w1, h1, ...]`` in pixels (``2 nA`` values).
+        anchors: per level, ``[w0, h0, w1, h1, ...]`` in pixels (``2 nA`` values); required (the
+            ``None`` default raises :class:`losskit.ConfigError`).
         num_classes: C, checked against the channels when given.
         reg_weight: weight of the IoU term.
         center_radius: centre-prior radius in strides (the prior is the cell's, for all its anchors).
@@ -353,7 +353,7 @@ def yolofastest_loss(
     return _loss_of_batch(batch, cfg)
 
 
-class YOLOFastestLoss(Criterion):
+class YOLOFastestLoss(Criterion[YOLOFastestLossConfig]):
     """YOLO-Fastest loss: SimOTA on the decoded anchor boxes, then IoU, objectness and class terms.
 
     NetsPresso Trainer's ``yolofastest_loss``. The assignment and the terms are YOLOX's (:class:`~losskit_detection_yolox.YOLOXLoss`, batched,
@@ -372,15 +372,15 @@ class YOLOFastestLoss(Criterion):
     ``losses/detection/yolo.py``); Ge et al., "YOLOX: Exceeding YOLO Series in 2021", arXiv:2107.08430.
     """
 
-    name = NAME
+    name: ClassVar[str] = NAME
     Config = YOLOFastestLossConfig
-    terms = _TERMS
-    diagnostics = _DIAGNOSTICS
-    inputs = {
+    terms: ClassVar[tuple[str, ...]] = _TERMS
+    diagnostics: ClassVar[tuple[str, ...]] = _DIAGNOSTICS
+    inputs: ClassVar[Mapping[str, str]] = {
         "pred": "list over pyramid levels of (B, nA, 5 + C, H_l, W_l) raw head outputs "
         "[tx, ty, tw, th, obj, cls_0..cls_{C-1}] per anchor",
     }
-    targets = {
+    targets: ClassVar[Mapping[str, str]] = {
         "gt": "list of B dicts {'boxes': (n_i, 4) float xyxy in input pixels, 'labels': (n_i,) int64 in [0, C)}",
         "img_size": "int or (H, W) of the network input; level stride = img_size / W_l",
         "num_classes": "optional int C, checked against the channels of out['pred']",
