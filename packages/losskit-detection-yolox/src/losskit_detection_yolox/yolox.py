@@ -8,7 +8,7 @@ https://github.com/Megvii-BaseDetection/YOLOX (``yolox/models/yolo_head.py``, ma
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -97,12 +97,12 @@ class _Batch:
     num_classes: int
 
 
-def _img_size(target: Mapping[str, Any]) -> tuple[float, float]:
+def _img_size(target: Mapping[str, Any], criterion: str = NAME) -> tuple[float, float]:
     """``(H, W)`` from ``target['img_size']``: a real scalar (int, float, numpy number, 0-d tensor) or
     a pair of them (a sequence or a ``(2,)`` tensor)."""
     key = "target['img_size']"
     if "img_size" not in target:
-        raise missing_key_error(NAME, "target", "img_size", target, "int or (H, W) of the network input")
+        raise missing_key_error(criterion, "target", "img_size", target, "int or (H, W) of the network input")
     size = target["img_size"]
     single = real_scalar(size)
     if single is not None:
@@ -114,10 +114,10 @@ def _img_size(target: Mapping[str, Any]) -> tuple[float, float]:
     else:
         hw = (None,)
     if any(s is None for s in hw):
-        raise InputError(NAME, key, f"expected an int or (H, W) of the network input, got {size!r}")
+        raise InputError(criterion, key, f"expected an int or (H, W) of the network input, got {size!r}")
     h, w = (float(s) for s in hw)  # type: ignore[arg-type]
     if not all(math.isfinite(s) and s > 0 for s in (h, w)):
-        raise InputError(NAME, key, f"expected positive finite sizes, got {size!r}")
+        raise InputError(criterion, key, f"expected positive finite sizes, got {size!r}")
     return h, w
 
 
@@ -175,39 +175,41 @@ def _levels(out: Any) -> list[Tensor]:
     return levels
 
 
-def _to_device(t: Tensor, where: str, device: torch.device, dtype: torch.dtype) -> Tensor:
+def _to_device(t: Tensor, where: str, device: torch.device, dtype: torch.dtype, criterion: str) -> Tensor:
     """A target moved to the outputs' device (documented), or an error naming both when it cannot be."""
     try:
         return t.to(device=device, dtype=dtype)
     except (RuntimeError, NotImplementedError) as exc:
         raise InputError(
-            NAME,
+            criterion,
             where,
             f"is on {t.device}, but out['pred'][0] is on {device}, and it cannot be moved there ({exc})",
         ) from exc
 
 
-def _check_gt_values(boxes: Tensor, labels: Tensor, where: str, num_classes: int) -> None:
+def _check_gt_values(boxes: Tensor, labels: Tensor, where: str, num_classes: int, criterion: str) -> None:
     """Value checks of one image's ground truths (a read: only where value checks run)."""
     if labels.numel():
         lo, hi = int(labels.min()), int(labels.max())
         if lo < 0 or hi >= num_classes:
             bad = lo if lo < 0 else hi
             raise InputError(
-                NAME,
+                criterion,
                 f"{where}['labels']",
                 f"class {bad} is out of range; expected values in [0, {num_classes})",
             )
     if boxes.numel():
         if not bool(torch.isfinite(boxes).all()):
-            raise explain_non_finite(NAME, [(f"{where}['boxes']", boxes)]) or InputError(
-                NAME, f"{where}['boxes']", "contains non-finite values"
+            raise explain_non_finite(criterion, [(f"{where}['boxes']", boxes)]) or InputError(
+                criterion, f"{where}['boxes']", "contains non-finite values"
             )
         if bool(((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])).any()):
-            raise InputError(NAME, f"{where}['boxes']", "expected x2 >= x1 and y2 >= y1 (xyxy boxes)")
+            raise InputError(criterion, f"{where}['boxes']", "expected x2 >= x1 and y2 >= y1 (xyxy boxes)")
 
 
-def _ground_truths(target: Any, batch: int, num_classes: int, device: torch.device) -> GroundTruths:
+def _ground_truths(
+    target: Any, batch: int, num_classes: int, device: torch.device, criterion: str = NAME
+) -> GroundTruths:
     """The batch's ground truths on the outputs' ``device`` (targets elsewhere are moved there).
 
     With value checks off, a box with a label outside ``[0, C)``, an inverted (``x2 < x1`` or
@@ -215,14 +217,14 @@ def _ground_truths(target: Any, batch: int, num_classes: int, device: torch.devi
     part in nothing and is counted in the ``invalid_targets`` diagnostic. Zero-width or zero-height
     boxes are valid, as in YOLOX (their IoU with any prediction is 0).
     """
-    all_boxes, all_labels = get_box_targets(target, criterion=NAME, batch=batch, batch_of="out['pred']")
+    all_boxes, all_labels = get_box_targets(target, criterion=criterion, batch=batch, batch_of="out['pred']")
     boxes_list, labels_list = [], []
     for i, (boxes, labels) in enumerate(zip(all_boxes, all_labels)):
         where = f"target['gt'][{i}]"
-        boxes = _to_device(boxes, f"{where}['boxes']", device, torch.float32)
-        labels = _to_device(labels, f"{where}['labels']", device, torch.int64)
+        boxes = _to_device(boxes, f"{where}['boxes']", device, torch.float32, criterion)
+        labels = _to_device(labels, f"{where}['labels']", device, torch.int64, criterion)
         if value_checks_enabled(boxes):
-            _check_gt_values(boxes, labels, where, num_classes)
+            _check_gt_values(boxes, labels, where, num_classes, criterion)
         boxes_list.append(boxes)
         labels_list.append(labels)
     counts = tuple(int(b.shape[0]) for b in boxes_list)
@@ -246,6 +248,27 @@ def _ground_truths(target: Any, batch: int, num_classes: int, device: torch.devi
     )
 
 
+def _check_num_classes(
+    target: Mapping[str, Any], c: int, num_classes: int | None, criterion: str = NAME
+) -> None:
+    """``C`` from the channels against the config's ``num_classes`` and the optional
+    ``target['num_classes']``."""
+    if num_classes is not None and num_classes != c:
+        raise InputError(
+            criterion, "out['pred'][0]", f"expected 5 + num_classes = {num_classes + 5} channels, got {c + 5}"
+        )
+    given = target.get("num_classes")
+    if given is not None:
+        if integral_scalar(given) is None and not (isinstance(given, float) and given.is_integer()):
+            raise InputError(criterion, "target['num_classes']", f"expected an int, got {given!r}")
+        if int(given) != c:
+            raise InputError(
+                criterion,
+                "target['num_classes']",
+                f"{given} does not match the {c + 5} channels of out['pred'] (5 + C with C = {c})",
+            )
+
+
 def _prepare(
     out: Any,
     target: Any,
@@ -259,20 +282,7 @@ def _prepare(
             NAME, "target", f"expected a mapping with keys 'gt', 'img_size', got {type(target).__name__}"
         )
     c = levels[0].shape[1] - 5
-    if num_classes is not None and num_classes != c:
-        raise InputError(
-            NAME, "out['pred'][0]", f"expected 5 + num_classes = {num_classes + 5} channels, got {c + 5}"
-        )
-    given = target.get("num_classes")
-    if given is not None:
-        if integral_scalar(given) is None and not (isinstance(given, float) and given.is_integer()):
-            raise InputError(NAME, "target['num_classes']", f"expected an int, got {given!r}")
-        if int(given) != c:
-            raise InputError(
-                NAME,
-                "target['num_classes']",
-                f"{given} does not match the {c + 5} channels of out['pred'] (5 + C with C = {c})",
-            )
+    _check_num_classes(target, c, num_classes)
     img_h, img_w = _img_size(target)
     shapes = [(int(p.shape[2]), int(p.shape[3])) for p in levels]
     if strides is not None:
@@ -297,6 +307,25 @@ def _prepare(
     return _Batch(tuple(levels), grid, gts, c)
 
 
+def _read_levels(index: Tensor, dtype: torch.dtype, levels: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """The forward of :class:`_Take`: objectness ``(B, A)`` and the channels at ``index`` ``(B, 5 + C, N)``."""
+    b, n = index.shape
+    ch = levels[0].shape[1]
+    picked = levels[0].new_zeros(b, ch, n)
+    objectness = []
+    start = 0
+    for p in levels:
+        flat = p.flatten(2)
+        size = flat.shape[2]
+        objectness.append(flat[:, 4])
+        local = index - start
+        inside = (local >= 0) & (local < size)
+        got = flat.gather(2, local.clamp(0, size - 1)[:, None, :].expand(b, ch, n))
+        picked = torch.where(inside[:, None, :], got, picked)
+        start += size
+    return torch.cat(objectness, 1).to(dtype), picked.to(dtype)
+
+
 class _Take(torch.autograd.Function):
     """The objectness of every anchor ``(B, A)`` and all channels at some anchors ``(B, 5 + C, N)``,
     read straight from the pyramid levels, in ``dtype``.
@@ -308,24 +337,10 @@ class _Take(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, index: Tensor, dtype: torch.dtype, *levels: Tensor) -> tuple[Tensor, Tensor]:
-        b, n = index.shape
-        ch = levels[0].shape[1]
-        picked = levels[0].new_zeros(b, ch, n)
-        objectness = []
-        start = 0
-        for p in levels:
-            flat = p.flatten(2)
-            size = flat.shape[2]
-            objectness.append(flat[:, 4])
-            local = index - start
-            inside = (local >= 0) & (local < size)
-            got = flat.gather(2, local.clamp(0, size - 1)[:, None, :].expand(b, ch, n))
-            picked = torch.where(inside[:, None, :], got, picked)
-            start += size
         ctx.save_for_backward(index)
         ctx.shapes = [p.shape for p in levels]
         ctx.dtypes = [p.dtype for p in levels]
-        return torch.cat(objectness, 1).to(dtype), picked.to(dtype)
+        return _read_levels(index, dtype, levels)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -356,6 +371,10 @@ class _Take(torch.autograd.Function):
 
 def _take(batch: _Batch, index: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """``(objectness (B, A), channels at index (B, 5 + C, N))`` of the batch's levels, in ``dtype``."""
+    if not torch.is_grad_enabled():
+        # the assignment needs no graph (and torch.compile fails on this autograd function under
+        # no_grad when it is given exactly two levels, as YOLO-Fastest's head gives)
+        return _read_levels(index, dtype, batch.levels)
     out = _Take.apply(index, dtype, *batch.levels)
     return out[0], out[1]
 
@@ -371,6 +390,18 @@ def _decode(reg: Tensor, x: Tensor, y: Tensor, sx: Tensor, sy: Tensor) -> Tensor
     w = torch.exp(reg[:, 2].clamp(max=MAX_LOG_SIZE)) * sx
     h = torch.exp(reg[:, 3].clamp(max=MAX_LOG_SIZE)) * sy
     return torch.stack((cx, cy, w, h), dim=-1)
+
+
+#: Decodes raw ``(B, 4, N)`` regression at anchors ``(B, N)`` of a grid into ``(B, N, 4)`` boxes
+#: ``(cx, cy, w, h)`` in pixels; the one part of the assignment and the terms that depends on the head.
+Decode = Callable[[Tensor, AnchorGrid, Tensor], Tensor]
+
+
+def _decode_cells(reg: Tensor, grid: AnchorGrid, index: Tensor) -> Tensor:
+    """YOLOX's decode (:func:`_decode`) at the grid cells ``index`` ``(B, N)``, in ``reg``'s dtype."""
+    i = index
+    dt = reg.dtype
+    return _decode(reg, grid.x[i].to(dt), grid.y[i].to(dt), grid.stride_x[i].to(dt), grid.stride_y[i].to(dt))
 
 
 def _iou_loss(pred: Tensor, target: Tensor, kind: str) -> Tensor:
@@ -396,7 +427,13 @@ def _iou_loss(pred: Tensor, target: Tensor, kind: str) -> Tensor:
 
 @torch.no_grad()
 def _assign(
-    batch: _Batch, *, center_radius: float, candidate_topk: int, iou_cost_weight: float, candidate_slots: str
+    batch: _Batch,
+    *,
+    center_radius: float,
+    candidate_topk: int,
+    iou_cost_weight: float,
+    candidate_slots: str,
+    decode: Decode = _decode_cells,
 ) -> CandidateAssignment:
     grid = batch.grid
     cand = find_candidates(
@@ -407,8 +444,7 @@ def _assign(
         capacity=candidate_slots,  # type: ignore[arg-type]
     )
     _, picked = _take(batch, cand.index, torch.float32)  # (B, 5 + C, K)
-    i = cand.index
-    boxes = _decode(picked[:, :4], grid.x[i], grid.y[i], grid.stride_x[i], grid.stride_y[i])
+    boxes = decode(picked[:, :4], grid, cand.index)
     return simota_match(
         cand,
         boxes,
@@ -444,6 +480,7 @@ def _terms(
     use_l1: bool,
     candidate_topk: int,
     normalize_across_ranks: bool,
+    decode: Decode = _decode_cells,
 ) -> LossTerms:
     # float32 (float64 inputs stay float64, e.g. for gradcheck); the assignment is always float32
     work = torch.float64 if batch.levels[0].dtype == torch.float64 else torch.float32
@@ -478,7 +515,7 @@ def _terms(
     sx, sy = grid.stride_x[anchor].to(work), grid.stride_y[anchor].to(work)
     gt_box = batch.gts.boxes[row].to(work)  # (B, F, 4)
 
-    boxes = _decode(picked[:, :4], x, y, sx, sy)
+    boxes = decode(picked[:, :4], grid, anchor)
     iou_sum = torch.where(fg, _iou_loss(boxes, gt_box, iou_loss), 0.0).sum()
     iou = reg_weight * (iou_sum / norm)
 
