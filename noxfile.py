@@ -16,14 +16,31 @@ from pathlib import Path
 import nox
 
 ROOT = Path(__file__).resolve().parent
-PLUGINS = ("classification", "detection-yolox", "detection-retinanet", "segmentation-pidnet", "pose-rtmcc")
-PLUGIN_DEPS = {"detection-retinanet": ("classification",)}
-SHARED_REQUIREMENTS = ("torch==2.14.1", "torchvision==0.29.1", "numpy", "pytest>=8", "hypothesis>=6.100")
+PLUGINS = (
+    "classification",
+    "detection-yolox",
+    "detection-retinanet",
+    "segmentation-pidnet",
+    "detection-detr",
+    "pose-rtmcc",
+)
+#: Distributions below the plugins (no criterion of their own) that a plugin's session also installs.
+LIBRARIES = ("ops",)
+SHARED_REQUIREMENTS = (
+    "torch==2.14.1",
+    "torchvision==0.29.1",
+    "numpy",
+    "scipy",
+    "omegaconf",
+    "hydra-core",
+    "pytest>=8",
+    "hypothesis>=6.100",
+)
 SHARED_ENV = Path(os.environ.get("LOSSKIT_SHARED_ENV", ROOT / ".nox" / "_torch"))
 TEST_PLUGIN = "tests/plugins/losskit-charbonnier"
 
 nox.options.default_venv_backend = "venv"
-nox.options.sessions = ["core", "plugin", "integration", "lint"]
+nox.options.sessions = ["core", "ops", "plugin", "integration", "lint"]
 nox.options.error_on_missing_interpreters = True
 
 
@@ -74,7 +91,11 @@ def _pytest(session: nox.Session, *paths: str, plugins: tuple[str, ...] = ()) ->
 
 
 def _plugin_paths(plugin: str) -> list[str]:
-    return [f"packages/losskit-{name}" for name in (*PLUGIN_DEPS.get(plugin, ()), plugin)]
+    return [f"packages/losskit-{name}" for name in (*LIBRARIES, plugin)]
+
+
+def _all_packages() -> list[str]:
+    return ["packages/losskit", *(f"packages/losskit-{name}" for name in (*LIBRARIES, *PLUGINS))]
 
 
 @nox.session
@@ -89,13 +110,20 @@ def core(session: nox.Session) -> None:
 def plugin(session: nox.Session, plugin: str) -> None:
     """One plugin with only the core installed: its tests, parity, and others reported as missing."""
     _install(session, "packages/losskit", *_plugin_paths(plugin))
-    _pytest(session, f"tests/{plugin.replace('-', '_')}", plugins=(*PLUGIN_DEPS.get(plugin, ()), plugin))
+    _pytest(session, f"tests/{plugin.replace('-', '_')}", plugins=(plugin,))
+
+
+@nox.session
+def ops(session: nox.Session) -> None:
+    """losskit-ops alone (with the core): the shared kernels against torchvision and torch."""
+    _install(session, "packages/losskit", "packages/losskit-ops")
+    _pytest(session, "tests/ops")
 
 
 @nox.session
 def integration(session: nox.Session) -> None:
     """Everything installed: every config in configs/, the CLI main job, docs freshness, DDP example."""
-    _install(session, "packages/losskit", *(f"packages/losskit-{p}" for p in PLUGINS), TEST_PLUGIN)
+    _install(session, *_all_packages(), TEST_PLUGIN)
     _pytest(session, "tests/integration", plugins=PLUGINS)
 
 
@@ -107,8 +135,7 @@ def lint(session: nox.Session) -> None:
         "ruff==0.17.6",
         "mypy==2.4.1",
         "types-PyYAML",
-        "packages/losskit",
-        *(f"packages/losskit-{p}" for p in PLUGINS),
+        *_all_packages(),
     )
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
@@ -120,5 +147,5 @@ def lint(session: nox.Session) -> None:
 @nox.session(default=False)
 def docs(session: nox.Session) -> None:
     """Regenerate docs/reference/ from the criteria's schemas (not part of the default run)."""
-    _install(session, "packages/losskit", *(f"packages/losskit-{p}" for p in PLUGINS))
+    _install(session, *_all_packages())
     session.run("python", "-m", "losskit._refdocs", "docs/reference")

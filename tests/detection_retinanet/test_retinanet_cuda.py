@@ -36,7 +36,7 @@ def test_cuda_no_sync_and_parity(cfg):
     cls, reg, anchors, gt = tl.make_batch([12, 0, 30], image=640, num_classes=80, seed=3)
     crit = RetinaNetLoss(**cfg)
     ref = crit({"cls_logits": cls, "bbox_regression": reg, "anchors": anchors}, {"gt": gt})
-    ref.total().backward()
+    ref.total.backward()
     c, r, a, g = _to_cuda(cls, reg, anchors, gt)
     out = {"cls_logits": c, "bbox_regression": r, "anchors": a}
     crit(out, {"gt": g})  # warm-up: lazy CUDA initialisation may synchronise once
@@ -46,7 +46,7 @@ def test_cuda_no_sync_and_parity(cfg):
     torch.cuda.set_sync_debug_mode("error")
     try:
         res = crit(out, {"gt": g})
-        res.total().backward()
+        res.total.backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
     for k in ref:

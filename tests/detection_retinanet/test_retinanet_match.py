@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from torchvision.ops import box_iou
 
 sys.path.insert(0, str(Path(__file__).parent))
 import retinanet_testlib as tl
 
 from losskit_detection_retinanet import RetinaNetLoss
-from losskit_detection_retinanet._match import batched_box_iou, match_anchors, pad_gt
+from losskit_detection_retinanet._match import match_anchors, pad_gt
 
 
 def _match(anchors, boxes_per_image, **cfg):
@@ -110,26 +109,6 @@ def test_integer_grid_random_cases(seed):
         assert torch.equal(_match(anchors, gts, **cfg), _reference(anchors, gts, **cfg))
 
 
-def test_batched_iou_is_bit_identical_to_box_iou():
-    anchors, _ = tl.real_anchors(128)
-    g = torch.Generator().manual_seed(0)
-    per_image = [tl.random_boxes(n, 128, g) for n in (5, 0, 9)]
-    padded, _, valid = pad_gt(
-        per_image,
-        [torch.zeros(len(x), dtype=torch.int64) for x in per_image],
-        dtype=torch.float32,
-        device=torch.device("cpu"),
-    )
-    iou = batched_box_iou(padded, anchors)
-    for i, x in enumerate(per_image):
-        assert torch.equal(iou[i, : len(x)], box_iou(x, anchors))
-    stacked = torch.stack([anchors, anchors + 1.0, anchors * 0.5])
-    iou3 = batched_box_iou(padded, stacked)
-    for i, x in enumerate(per_image):
-        assert torch.equal(iou3[i, : len(x)], box_iou(x, stacked[i]))
-    assert iou.shape == (3, 9, anchors.shape[0]) and not valid[1].any()
-
-
 def test_match_function_directly_on_padding():
     boxes, _, valid = pad_gt(
         [torch.tensor([[0.0, 0.0, 10.0, 10.0]]), torch.zeros(0, 4)],
@@ -142,20 +121,3 @@ def test_match_function_directly_on_padding():
     )
     assert m.dtype == torch.int64 and m.shape == (2, 6)
     assert m[0, :2].tolist() == [0, 0] and bool((m[1] == -1).all())
-
-
-@pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0, 1.0), (10.0, 10.0, 5.0, 5.0)])
-def test_box_coding_is_bit_identical_to_boxcoder(weights):
-    from torchvision.models.detection._utils import BoxCoder
-
-    from losskit_detection_retinanet._match import decode, encode
-
-    anchors, _ = tl.real_anchors(128)
-    g = torch.Generator().manual_seed(2)
-    boxes = tl.random_boxes(anchors.shape[0], 128, g)
-    deltas = torch.randn(anchors.shape[0], 4, generator=g) * 3.0  # some dw, dh above the clip
-    coder = BoxCoder(weights)
-    assert torch.equal(encode(boxes, anchors, weights), coder.encode_single(boxes, anchors))
-    assert torch.equal(
-        decode(deltas, anchors, weights, coder.bbox_xform_clip), coder.decode_single(deltas, anchors)
-    )

@@ -51,7 +51,12 @@ def test_bin_count_mismatch_states_both_numbers_and_suggests_a_size() -> None:
         (None, {"keypoints": torch.zeros(2, 3, 2)}, "target['keypoints']", "expected shape (2, 3, 3)"),
         (None, {"keypoints": torch.zeros(3, 3, 3)}, "target['keypoints']", "got (3, 3, 3)"),
         (None, {"keypoints": torch.zeros(2, 3, 3, dtype=torch.bool)}, "target['keypoints']", "torch.bool"),
-        (None, {"keypoints": torch.zeros(2, 3, 3, device="meta")}, "target['keypoints']", "on meta, but"),
+        (
+            None,
+            {"keypoints": torch.zeros(2, 3, 3, device="meta")},
+            "target['keypoints']",
+            "is on meta, but out['pred'] is on cpu",
+        ),
     ],
 )
 def test_malformed_inputs(out: dict | None, target: dict | None, where: str, text: str) -> None:
@@ -84,7 +89,7 @@ def test_value_checks() -> None:
     RTMCCLoss(input_size=SIZE)(out, {"keypoints": kp})
     pred = out["pred"].detach().clone()
     pred[0, 0, 5] = float("nan")
-    with pytest.raises(InputError, match=r"out\['pred'\]: contains NaN or infinite logits"):
+    with pytest.raises(InputError, match=r"out\['pred'\]: contains non-finite values"):
         RTMCCLoss(input_size=SIZE)({"pred": pred}, target)
 
 

@@ -11,6 +11,7 @@ import torch
 
 import losskit
 from losskit.schema import describe_fields
+from losskit.testing import assert_defaults_match
 from losskit_pose_rtmcc import RTMCCLoss, RTMCCLossConfig, rtmcc_loss, simcc_encode
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "pose-rtmcc.yaml"
@@ -73,15 +74,8 @@ def test_defaults_are_netspresso_constants() -> None:
 
 
 def test_functional_defaults_are_the_config_defaults() -> None:
-    import inspect
-
-    defaults = {f.name: f.default for f in dataclasses.fields(RTMCCLossConfig)}
-    for fn in (rtmcc_loss, simcc_encode):
-        params = inspect.signature(fn).parameters
-        shared = [name for name in params if name in defaults]
-        assert shared
-        for name in shared:
-            assert params[name].default == defaults[name], (fn.__name__, name)
+    assert_defaults_match(rtmcc_loss, RTMCCLossConfig)
+    assert_defaults_match(simcc_encode, RTMCCLossConfig)
 
 
 def test_example_is_small_valid_and_seeded() -> None:

@@ -2,13 +2,9 @@
 """Batched anchor matching for RetinaNet (private).
 
 Ground truths of the B images are padded to ``G = max n_i`` boxes with a ``(B, G)`` validity mask, and the
-IoU of every (image, gt, anchor) triple is computed at once by :func:`batched_box_iou`. That function is
-our own rather than ``torchvision.ops.box_iou`` (which also accepts leading batch dimensions since
-torchvision 0.24) for speed and memory only: box_iou broadcasts ``(..., G, 1, 2)`` corner pairs against
-``(..., 1, A, 2)``, materialising three ``(B, G, A, 2)`` temporaries in a layout that vectorises poorly;
-computing x and y separately on ``(B, G, A)`` with in-place ops does the same arithmetic, element by
-element and in the same order, in about 2/3 of the time and half the memory. The values are therefore
-bit-identical to box_iou's (a test checks it), and so are the matches.
+IoU of every (image, gt, anchor) triple is computed at once by ``losskit_ops.batched_box_iou``
+(bit-identical to ``torchvision.ops.box_iou``, faster and smaller; see its docstring), so the matches
+are torchvision's.
 
 The rules are those of ``torchvision.models.detection._utils.Matcher``, applied to all images at once:
 
@@ -28,9 +24,10 @@ import math
 
 import torch
 from torch import Tensor
-from torchvision.models.detection._utils import encode_boxes
 
-__all__ = ["BACKGROUND", "IGNORED", "batched_box_iou", "decode", "encode", "match_anchors", "pad_gt"]
+from losskit_ops.boxes import batched_box_iou
+
+__all__ = ["BACKGROUND", "IGNORED", "match_anchors", "pad_gt"]
 
 #: Matched index of a background anchor.
 BACKGROUND = -1
@@ -72,65 +69,6 @@ def pad_gt(
         [x.to(device=device, dtype=torch.int64) for x in labels], batch_first=True
     )
     return padded_boxes, padded_labels, valid
-
-
-def encode(matched: Tensor, anchors: Tensor, weights: tuple[float, float, float, float]) -> Tensor:
-    """Box-coder targets ``(N, 4)`` of ``matched`` gt boxes against ``anchors`` (both ``(N, 4)`` xyxy).
-
-    torchvision's ``encode_boxes`` (what ``BoxCoder.encode_single`` calls), given the weights as a CPU
-    tensor: ``BoxCoder`` builds it on the boxes' device, a host-to-device copy that synchronises.
-    """
-    return encode_boxes(matched, anchors, torch.tensor(weights, dtype=matched.dtype))
-
-
-def decode(
-    deltas: Tensor, anchors: Tensor, weights: tuple[float, float, float, float], clip: float
-) -> Tensor:
-    """Boxes ``(N, 4)`` xyxy from ``deltas`` ``(N, 4)`` relative to ``anchors`` ``(N, 4)``.
-
-    The arithmetic of torchvision's ``BoxCoder.decode_single``, in the same order (so the same values
-    bit for bit, a test checks it), without its ``torch.tensor(0.5, device=...)``, a synchronising
-    host-to-device copy on accelerators.
-    """
-    anchors = anchors.to(deltas.dtype)
-    widths = anchors[:, 2] - anchors[:, 0]
-    heights = anchors[:, 3] - anchors[:, 1]
-    ctr_x = anchors[:, 0] + 0.5 * widths
-    ctr_y = anchors[:, 1] + 0.5 * heights
-    wx, wy, ww, wh = weights
-    dx = deltas[:, 0] / wx
-    dy = deltas[:, 1] / wy
-    dw = torch.clamp(deltas[:, 2] / ww, max=clip)
-    dh = torch.clamp(deltas[:, 3] / wh, max=clip)
-    pred_ctr_x = dx * widths + ctr_x
-    pred_ctr_y = dy * heights + ctr_y
-    half_w = 0.5 * (torch.exp(dw) * widths)
-    half_h = 0.5 * (torch.exp(dh) * heights)
-    return torch.stack(
-        (pred_ctr_x - half_w, pred_ctr_y - half_h, pred_ctr_x + half_w, pred_ctr_y + half_h), dim=1
-    )
-
-
-def batched_box_iou(boxes: Tensor, anchors: Tensor) -> Tensor:
-    """IoU of ``(B, G, 4)`` xyxy boxes against ``(A, 4)`` or ``(B, A, 4)`` xyxy anchors: ``(B, G, A)``.
-
-    Same arithmetic as ``torchvision.ops.box_iou`` (areas ``(x2 - x1) * (y2 - y1)``, intersection
-    ``clamp(min(x2) - max(x1), 0) * clamp(min(y2) - max(y1), 0)``, ``inter / (area1 + area2 - inter)``),
-    hence the same values bit for bit; no autograd (used under ``no_grad``).
-    """
-    gx1, gy1, gx2, gy2 = (t[:, :, None] for t in boxes.unbind(-1))  # (B, G, 1)
-    if anchors.dim() == 2:
-        ax1, ay1, ax2, ay2 = (t[None, None, :] for t in anchors.unbind(-1))  # (1, 1, A)
-    else:
-        ax1, ay1, ax2, ay2 = (t[:, None, :] for t in anchors.unbind(-1))  # (B, 1, A)
-    area_g = (gx2 - gx1) * (gy2 - gy1)
-    area_a = (ax2 - ax1) * (ay2 - ay1)
-    inter = torch.minimum(gx2, ax2).sub_(torch.maximum(gx1, ax1)).clamp_(min=0)
-    h = torch.minimum(gy2, ay2).sub_(torch.maximum(gy1, ay1)).clamp_(min=0)
-    inter.mul_(h)
-    del h
-    union = (area_g + area_a).sub_(inter)
-    return inter.div_(union)
 
 
 @torch.no_grad()

@@ -7,7 +7,6 @@ Reference: Lin et al., "Focal Loss for Dense Object Detection", ICCV 2017
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,8 +20,9 @@ from torchvision.ops import complete_box_iou_loss, distance_box_iou_loss, genera
 from losskit import Criterion, InputError, LossTerms, option
 from losskit.checks import fmt_shape, get_box_targets, value_checks_enabled
 from losskit.dist import global_mean
-from losskit_classification.focal import sigmoid_focal_loss_indexed
-from losskit_detection_retinanet._match import BACKGROUND, IGNORED, decode, encode, match_anchors, pad_gt
+from losskit.tensors import autocast_off
+from losskit_detection_retinanet._match import BACKGROUND, IGNORED, match_anchors, pad_gt
+from losskit_ops import decode_deltas, encode_deltas, sigmoid_focal_loss_indexed
 
 __all__ = ["RetinaNetLoss", "RetinaNetLossOutput", "retinanet_loss"]
 
@@ -56,14 +56,6 @@ class RetinaNetLossOutput(NamedTuple):
 
 def _as_levels(x: Tensor | Sequence[Tensor]) -> list[Tensor]:
     return [x] if isinstance(x, Tensor) else list(x)
-
-
-def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """Disable autocast on ``device``: matching, box coding and the focal term pick their own dtypes."""
-    available = getattr(torch.amp, "is_autocast_available", lambda t: t in ("cpu", "cuda"))
-    if available(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def _matching_dtype(anchors: Tensor, boxes: Sequence[Tensor]) -> torch.dtype:
@@ -142,7 +134,7 @@ def retinanet_loss(
     device = cls_levels[0].device
     mdtype = _matching_dtype(anchors, gt_boxes)
 
-    with _autocast_off(device):
+    with autocast_off(device):
         # -- targets (no gradients) ------------------------------------------------------------------
         with torch.no_grad():
             boxes_p, labels_p, valid_p = pad_gt(list(gt_boxes), list(gt_labels), dtype=mdtype, device=device)
@@ -209,14 +201,14 @@ def retinanet_loss(
         bdtype = torch.promote_types(reg.dtype, mdtype)
         pred_d = torch.where(fg[:, :, None], reg.to(bdtype), 0.0).reshape(-1, 4)
         if box_loss in ("l1", "smooth_l1"):
-            target_d = encode(matched_flat, anchors_flat, bbox_weights)
+            target_d = encode_deltas(matched_flat, anchors_flat, bbox_weights)
             if box_loss == "l1":
                 per = F.l1_loss(pred_d, target_d, reduction="none")
             else:
                 per = F.smooth_l1_loss(pred_d, target_d, reduction="none", beta=beta)
             per_anchor = per.sum(dim=1)
         else:
-            decoded = decode(pred_d, anchors_flat, bbox_weights, bbox_xform_clip)
+            decoded = decode_deltas(pred_d, anchors_flat, bbox_weights, bbox_xform_clip)
             per_anchor = _IOU_LOSSES[box_loss](
                 decoded, matched_flat.to(decoded.dtype), reduction="none", eps=eps
             )

@@ -158,7 +158,7 @@ class _CrossTerms(torch.autograd.Function):
             width = p.shape[-1]
             g = grad_out[:, axis].to(work) * ctx.beta
             part = grad[:, start : start + width]
-            torch.mul(p, (g * lab.mass).neg_()[:, None], out=part)
+            part.copy_(p).mul_((g * lab.mass).neg_()[:, None])  # (no out= into a strided view: compile)
             u = lab.table.windows.index_select(0, lab.start)
             part.addcmul_(u, (g * lab.scale)[:, None])
             start += width

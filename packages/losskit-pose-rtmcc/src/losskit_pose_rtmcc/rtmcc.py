@@ -9,7 +9,6 @@ and ``KLDiscretLoss``, as NetsPresso Trainer's ``rtmcc_loss`` fuses them.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -19,8 +18,9 @@ import torch
 from torch import Tensor
 
 from losskit import Criterion, InputError, LossTerms, option
-from losskit.checks import fmt_shape, get_tensor, value_checks_enabled
+from losskit.checks import check_same_device, explain_non_finite, fmt_shape, get_tensor, value_checks_enabled
 from losskit.dist import global_mean, is_distributed
+from losskit.tensors import autocast_off
 from losskit_pose_rtmcc._simcc import axis_labels, centre_range, cross_terms, gather_labels
 
 __all__ = ["RTMCCLoss", "RTMCCLossConfig", "SimCCTargets", "rtmcc_loss", "simcc_bins", "simcc_encode"]
@@ -191,10 +191,7 @@ def _check_inputs(pred: Tensor, keypoints: Tensor, input_size: tuple[int, int], 
             f"expected shape ({n}, {k}, 3) ([x, y, v] for the N, K of out['pred'] "
             f"{fmt_shape(pred.shape)}), got {fmt_shape(keypoints.shape)}",
         )
-    if keypoints.device != pred.device:
-        raise InputError(
-            NAME, "target['keypoints']", f"on {keypoints.device}, but out['pred'] is on {pred.device}"
-        )
+    check_same_device(NAME, ("out['pred']", pred), ("target['keypoints']", keypoints))
     wx, wy = simcc_bins(input_size, split_ratio)
     if total != wx + wy:
         raise InputError(
@@ -222,13 +219,6 @@ def _check_values(keypoints: Tensor) -> None:
             "target['keypoints']",
             f"a labelled keypoint (v >= 0.5) has non-finite coordinates at (n, k) = {at}",
         )
-
-
-def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    try:
-        return torch.autocast(device.type, enabled=False)
-    except RuntimeError:  # a device type without autocast (meta)
-        return contextlib.nullcontext()
 
 
 class _Parts(NamedTuple):
@@ -334,7 +324,7 @@ def rtmcc_loss(
     Reference: mmpose ``SimCCLabel`` + ``KLDiscretLoss``; RTMPose, arXiv:2303.07399.
     """
     _check_inputs(pred, keypoints, input_size, split_ratio)
-    with _autocast_off(pred.device):
+    with autocast_off(pred.device):
         parts = _parts(
             pred,
             keypoints,
@@ -355,7 +345,7 @@ def rtmcc_loss(
         return (parts.x + parts.y) / count
 
 
-class RTMCCLoss(Criterion):
+class RTMCCLoss(Criterion[RTMCCLossConfig]):
     """RTMPose's SimCC loss: KL divergence to Gaussian SimCC labels, per keypoint and axis, weighted.
 
     ``x = sum_nk w_nk KL_x(n, k) / D`` and ``y`` likewise, with ``D = K`` (``normalizer: keypoints``,
@@ -384,7 +374,7 @@ class RTMCCLoss(Criterion):
     diagnostics: ClassVar[tuple[str, ...]] = ("num_weighted",)
 
     def forward(self, out: Mapping[str, Any], target: Mapping[str, Any]) -> LossTerms:
-        cfg: RTMCCLossConfig = self.config
+        cfg = self.config
         pred = get_tensor(
             out, "pred", criterion=NAME, side="out", expected="(N, K, W_x + W_y) logits", float_only=True
         )
@@ -394,7 +384,7 @@ class RTMCCLoss(Criterion):
         _check_inputs(pred, keypoints, cfg.input_size, cfg.split_ratio)
         if value_checks_enabled(keypoints):
             _check_values(keypoints)
-        with _autocast_off(pred.device):
+        with autocast_off(pred.device):
             parts = _parts(
                 pred,
                 keypoints,
@@ -413,15 +403,15 @@ class RTMCCLoss(Criterion):
             norm = self._normaliser(pred)
             x, y = parts.x / norm, parts.y / norm
         if value_checks_enabled(x) and not math.isfinite(float((x + y).detach())):
-            if not bool(torch.isfinite(pred).all()):
-                raise InputError(NAME, "out['pred']", "contains NaN or infinite logits")
-            raise InputError(NAME, "out['pred']", "the loss is not finite (logits too large for beta?)")
+            raise explain_non_finite(NAME, [("out['pred']", pred)]) or InputError(
+                NAME, "out['pred']", f"the loss is not finite (logits too large for beta = {cfg.beta}?)"
+            )
         num_weighted = (parts.weight > 0).sum().to(torch.float32)
         return LossTerms({"x": x, "y": y}, {"num_weighted": num_weighted})
 
     def _normaliser(self, pred: Tensor) -> Tensor | float:
         """``K`` or ``N K``; across ranks ``K / world_size`` or ``mean_ranks(N) K``."""
-        cfg: RTMCCLossConfig = self.config
+        cfg = self.config
         n, k = pred.shape[:2]
         k = max(k, 1)
         if cfg.normalizer == "keypoints":
@@ -443,7 +433,7 @@ class RTMCCLoss(Criterion):
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         """``batch_size`` instances of 17 keypoints (COCO): random logits, keypoints in and around the
         crop with visibilities 0, 1 and 2."""
-        cfg: RTMCCLossConfig = self.config
+        cfg = self.config
         k = 17
         wx, wy = simcc_bins(cfg.input_size, cfg.split_ratio)
         pred = torch.randn(batch_size, k, wx + wy, generator=generator).to(device).requires_grad_()

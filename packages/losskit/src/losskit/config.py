@@ -205,8 +205,8 @@ def load_config(
         source: a YAML file path (``str`` or ``os.PathLike``), a YAML string, a mapping, a list of entries,
             or a :class:`LossConfig` (re-validated).
         registry: where criteria are looked up (default: the process-wide registry).
-        overrides: field values applied to every entry whose criterion declares that field
-            (``build_losses``' runtime keywords); a key no criterion declares is an error.
+        overrides: field values applied to every entry whose criterion declares that field, over the
+            config's values; a key that no criterion declares is an error.
 
     Raises:
         ConfigError: listing every problem, each with its location.
@@ -255,7 +255,11 @@ def load_config(
         key: bool = False,
         criterion: str | None = None,
         line_of: PathKey | None = None,
+        overrides: bool = False,
     ) -> None:
+        if overrides:  # not in the config: build_losses' (or load_config's) `overrides` argument
+            problems.append(Problem("overrides", message))
+            return
         line = key_lines.get(line_of) if line_of is not None else None
         line = line or key_lines.get(path) or lines.get(path)
         probe = path
@@ -318,83 +322,136 @@ def _validate_entries(
     report: Any,
 ) -> list[LossEntry]:
     result: list[LossEntry] = []
-    seen: dict[str, int] = {}
-    used_overrides: set[str] = set()
-    all_fields: dict[str, list[str]] = {}
+    names: dict[str, int] = {}
+    declared: dict[str, Sequence[str]] = {}
     for i, entry in enumerate(entries):
         path: PathKey = (*base, i)
         if not isinstance(entry, Mapping):
             report(path, f"expected a mapping with a 'criterion' key, got {_given(entry)}")
             continue
-        ok = True
-        criterion = entry.get("criterion")
-        info: CriterionInfo | None = None
-        if "criterion" not in entry:
-            report(path, f"missing 'criterion'; installed criteria: {', '.join(registry.names()) or 'none'}")
-            ok = False
-        elif not isinstance(criterion, str):
-            report((*path, "criterion"), f"expected a criterion name (a string), got {_given(criterion)}")
-            ok = False
-        else:
-            try:
-                info = registry.get(criterion)
-            except CriterionConflictError as exc:
-                report((*path, "criterion"), str(exc))
-                ok = False
-            except LookupError as exc:
-                report((*path, "criterion"), str(exc))
-                ok = False
-        weight = entry.get("weight")
-        if weight is None:
-            weight = 1.0
-        elif isinstance(weight, bool) or not isinstance(weight, (int, float)):
-            report((*path, "weight"), f"expected a float >= 0 (or null for 1.0), got {_given(weight)}")
-            ok = False
-        elif not math.isfinite(weight):
-            report((*path, "weight"), f"expected a finite float >= 0, got {weight!r}")
-            ok = False
-        elif weight < 0:
-            report((*path, "weight"), f"expected a float >= 0, got {weight!r}")
-            ok = False
-        name = entry.get("name", criterion if isinstance(criterion, str) else None)
-        if "name" in entry and (not isinstance(name, str) or not _NAME_RE.match(name)):
-            report(
-                (*path, "name"),
-                f"expected a name of letters, digits, '_' or '-' starting with a letter or '_', got {_given(name)}",
-            )
-            ok = False
-        elif isinstance(name, str):
-            if name in seen:
-                report(
-                    (*path, "name") if "name" in entry else (*path, "criterion"),
-                    f"duplicate loss name {name!r} (also at {_fmt_path((*base, seen[name]))}); "
-                    "give one of them a distinct 'name'",
-                )
-                ok = False
-            else:
-                seen[name] = i
+        info = _check_criterion(entry, path, registry, report)
+        weight = _check_weight(entry, path, report)
+        name = _check_name(entry, path, names, report)
         if info is None:
             continue
-        fields = {k: v for k, v in entry.items() if k not in RESERVED}
-        declared = field_names(info.cls.Config)
-        all_fields[info.name] = list(declared)
-        for key, value in overrides.items():
-            if key in declared:
-                fields[key] = value
-                used_overrides.add(key)
-
-        def field_report(fname: str, message: str, _path: PathKey = path, _crit: str = info.name) -> None:
-            if message.startswith("unknown field"):
-                report(_path, message, criterion=_crit, line_of=(*_path, fname))
-            else:
-                report((*_path, fname) if fname else _path, message, criterion=_crit)
-
-        config = validate_config(info.cls.Config, fields, report=field_report)
-        if config is None or not ok:
+        declared[info.name] = field_names(info.cls.Config)
+        config = _check_fields(entry, path, info, overrides, report)
+        if config is None or weight is None or name is None:
             continue
-        result.append(LossEntry(str(name), info.name, float(weight), config, info, _fmt_path(path)))
-    for key in overrides:
-        if key not in used_overrides:
-            listing = "; ".join(f"{c}: {', '.join(f) or '(none)'}" for c, f in all_fields.items()) or "none"
-            report((), f"runtime argument {key!r} is not a field of any criterion in the config ({listing})")
+        result.append(LossEntry(name, info.name, weight, config, info, _fmt_path(path)))
+    _check_overrides(overrides, declared, report)
     return result
+
+
+def _check_criterion(
+    entry: Mapping[str, Any], path: PathKey, registry: Registry, report: Any
+) -> CriterionInfo | None:
+    """The registered criterion an entry names, or ``None`` after reporting why not."""
+    if "criterion" not in entry:
+        report(path, f"missing 'criterion'; installed criteria: {', '.join(registry.names()) or 'none'}")
+        return None
+    criterion = entry["criterion"]
+    if not isinstance(criterion, str):
+        report((*path, "criterion"), f"expected a criterion name (a string), got {_given(criterion)}")
+        return None
+    try:
+        return registry.get(criterion)
+    except (CriterionConflictError, LookupError) as exc:
+        report((*path, "criterion"), str(exc))
+        return None
+
+
+def _check_weight(entry: Mapping[str, Any], path: PathKey, report: Any) -> float | None:
+    """The entry's weight (absent or null: 1.0), or ``None`` after reporting a bad one."""
+    weight = entry.get("weight")
+    if weight is None:
+        return 1.0
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        report((*path, "weight"), f"expected a float >= 0 (or null for 1.0), got {_given(weight)}")
+    elif not math.isfinite(weight):
+        report((*path, "weight"), f"expected a finite float >= 0, got {weight!r}")
+    elif weight < 0:
+        report((*path, "weight"), f"expected a float >= 0, got {weight!r}")
+    else:
+        return float(weight)
+    return None
+
+
+def _check_name(entry: Mapping[str, Any], path: PathKey, names: dict[str, int], report: Any) -> str | None:
+    """The entry's unique name (default: its criterion), or ``None`` after reporting a problem.
+
+    ``names`` maps the names seen so far to their entry index; a new unique name is added.
+    """
+    criterion = entry.get("criterion")
+    name = entry.get("name", criterion if isinstance(criterion, str) else None)
+    if "name" in entry and (not isinstance(name, str) or not _NAME_RE.match(name)):
+        report(
+            (*path, "name"),
+            f"expected a name of letters, digits, '_' or '-' starting with a letter or '_', got {_given(name)}",
+        )
+        return None
+    if not isinstance(name, str):
+        return None
+    if name in names:
+        report(
+            (*path, "name") if "name" in entry else (*path, "criterion"),
+            f"duplicate loss name {name!r} (also at {_fmt_path((*path[:-1], names[name]))}); "
+            "give one of them a distinct 'name'",
+        )
+        return None
+    names[name] = int(path[-1])
+    return name
+
+
+def _check_fields(
+    entry: Mapping[str, Any], path: PathKey, info: CriterionInfo, overrides: Mapping[str, Any], report: Any
+) -> Any:
+    """The criterion's validated ``Config`` (overrides applied), or ``None`` after reporting problems."""
+    declared = field_names(info.cls.Config)
+    fields = {k: v for k, v in entry.items() if k not in RESERVED}
+    fields.update({k: v for k, v in overrides.items() if k in declared})
+
+    def field_report(fname: str, message: str) -> None:
+        if message.startswith("unknown field"):
+            report(path, message, criterion=info.name, line_of=(*path, fname))
+        else:
+            report((*path, fname) if fname else path, message, criterion=info.name)
+
+    return validate_config(info.cls.Config, fields, report=field_report)
+
+
+def _check_overrides(
+    overrides: Mapping[str, Any], declared: Mapping[str, Sequence[str]], report: Any
+) -> None:
+    """Report each override that no criterion of the config declares."""
+    for key in overrides:
+        if any(key in fields for fields in declared.values()):
+            continue
+        listing = "; ".join(f"{c}: {', '.join(f) or '(none)'}" for c, f in declared.items()) or "none"
+        message = f"{key!r} is not a field of any criterion in the config ({listing})"
+        hint = _epoch_hint(key)
+        report((), f"{message}; {hint}" if hint else message, overrides=True)
+
+
+_EPOCH_RE = re.compile(r"^(cur|curr|current|start|init|initial)?_?epoch(_?(idx|index|num|number))?$", re.I)
+
+
+def _epoch_hint(key: object) -> str | None:
+    if isinstance(key, str) and _EPOCH_RE.match(key):
+        return (
+            "losskit does not take the epoch at build time: call `loss.set_epoch(epoch)` each epoch "
+            "(or `build_losses(..., epoch=N)` for the first one)"
+        )
+    return None
+
+
+def unexpected_keyword_message(key: str) -> str:
+    """What ``build_losses(..., key=...)`` should have been, for a keyword it does not take."""
+    message = f"build_losses() got an unexpected keyword argument {key!r}"
+    hint = _epoch_hint(key)
+    if hint:
+        return f"{message}: {hint}"
+    return (
+        f"{message}; it takes registry, device, epoch and overrides: to set a field of every criterion "
+        f"that declares it, pass overrides={{{key!r}: ...}}"
+    )
