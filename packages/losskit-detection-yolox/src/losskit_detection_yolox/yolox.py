@@ -8,7 +8,7 @@ https://github.com/Megvii-BaseDetection/YOLOX (``yolox/models/yolo_head.py``, ma
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -59,12 +59,12 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def _img_size(target: Mapping[str, Any]) -> tuple[float, float]:
+def _img_size(target: Mapping[str, Any], criterion: str = NAME) -> tuple[float, float]:
     key = "target['img_size']"
     if "img_size" not in target:
         keys = ", ".join(repr(k) for k in target) or "none"
         raise InputError(
-            NAME, key, f"missing; target has keys {keys}; expected: int or (H, W) of the network input"
+            criterion, key, f"missing; target has keys {keys}; expected: int or (H, W) of the network input"
         )
     size = target["img_size"]
     if _is_number(size):
@@ -77,9 +77,9 @@ def _img_size(target: Mapping[str, Any]) -> tuple[float, float]:
     ):
         hw = (size[0], size[1])
     else:
-        raise InputError(NAME, key, f"expected an int or (H, W) of the network input, got {size!r}")
+        raise InputError(criterion, key, f"expected an int or (H, W) of the network input, got {size!r}")
     if not all(math.isfinite(s) and s > 0 for s in hw):
-        raise InputError(NAME, key, f"expected positive finite sizes, got {size!r}")
+        raise InputError(criterion, key, f"expected positive finite sizes, got {size!r}")
     return float(hw[0]), float(hw[1])
 
 
@@ -136,8 +136,10 @@ def _levels(out: Any) -> list[Tensor]:
     return levels
 
 
-def _ground_truths(target: Any, batch: int, num_classes: int, device: torch.device) -> GroundTruths:
-    all_boxes, all_labels = get_box_targets(target, criterion=NAME, batch=batch, batch_of="out['pred']")
+def _ground_truths(
+    target: Any, batch: int, num_classes: int, device: torch.device, criterion: str = NAME
+) -> GroundTruths:
+    all_boxes, all_labels = get_box_targets(target, criterion=criterion, batch=batch, batch_of="out['pred']")
     boxes_list, labels_list = [], []
     for i, (boxes, labels) in enumerate(zip(all_boxes, all_labels)):
         where = f"target['gt'][{i}]"
@@ -146,15 +148,17 @@ def _ground_truths(target: Any, batch: int, num_classes: int, device: torch.devi
             if lo < 0 or hi >= num_classes:
                 bad = lo if lo < 0 else hi
                 raise InputError(
-                    NAME,
+                    criterion,
                     f"{where}['labels']",
                     f"class {bad} is out of range; expected values in [0, {num_classes})",
                 )
         if value_checks_enabled(boxes) and boxes.numel():
             if not bool(torch.isfinite(boxes).all()):
-                raise InputError(NAME, f"{where}['boxes']", "contains non-finite values (nan or inf)")
+                raise InputError(criterion, f"{where}['boxes']", "contains non-finite values (nan or inf)")
             if bool(((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])).any()):
-                raise InputError(NAME, f"{where}['boxes']", "expected x2 >= x1 and y2 >= y1 (xyxy boxes)")
+                raise InputError(
+                    criterion, f"{where}['boxes']", "expected x2 >= x1 and y2 >= y1 (xyxy boxes)"
+                )
         boxes_list.append(boxes.to(device=device, dtype=torch.float32))
         labels_list.append(labels.to(device=device, dtype=torch.int64))
     counts = tuple(int(b.shape[0]) for b in boxes_list)
@@ -166,6 +170,27 @@ def _ground_truths(target: Any, batch: int, num_classes: int, device: torch.devi
         torch.cat([torch.zeros(0, dtype=torch.int64, device=device), *image]),
         counts,
     )
+
+
+def _check_num_classes(
+    target: Mapping[str, Any], c: int, num_classes: int | None, criterion: str = NAME
+) -> None:
+    """``C`` from the channels against the config's ``num_classes`` and the optional
+    ``target['num_classes']``."""
+    if num_classes is not None and num_classes != c:
+        raise InputError(
+            criterion, "out['pred'][0]", f"expected 5 + num_classes = {num_classes + 5} channels, got {c + 5}"
+        )
+    given = target.get("num_classes")
+    if given is not None:
+        if not _is_number(given) or int(given) != given:
+            raise InputError(criterion, "target['num_classes']", f"expected an int, got {given!r}")
+        if int(given) != c:
+            raise InputError(
+                criterion,
+                "target['num_classes']",
+                f"{given} does not match the {c + 5} channels of out['pred'] (5 + C with C = {c})",
+            )
 
 
 def _prepare(
@@ -181,20 +206,7 @@ def _prepare(
             NAME, "target", f"expected a mapping with keys 'gt', 'img_size', got {type(target).__name__}"
         )
     c = levels[0].shape[1] - 5
-    if num_classes is not None and num_classes != c:
-        raise InputError(
-            NAME, "out['pred'][0]", f"expected 5 + num_classes = {num_classes + 5} channels, got {c + 5}"
-        )
-    given = target.get("num_classes")
-    if given is not None:
-        if not _is_number(given) or int(given) != given:
-            raise InputError(NAME, "target['num_classes']", f"expected an int, got {given!r}")
-        if int(given) != c:
-            raise InputError(
-                NAME,
-                "target['num_classes']",
-                f"{given} does not match the {c + 5} channels of out['pred'] (5 + C with C = {c})",
-            )
+    _check_num_classes(target, c, num_classes)
     img_h, img_w = _img_size(target)
     shapes = [(int(p.shape[2]), int(p.shape[3])) for p in levels]
     if strides is not None:
@@ -217,6 +229,25 @@ def _prepare(
     return _Batch(tuple(levels), grid, gts, c)
 
 
+def _read_levels(index: Tensor, dtype: torch.dtype, levels: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """The forward of :class:`_Take`: objectness ``(B, A)`` and the channels at ``index`` ``(B, 5 + C, N)``."""
+    b, n = index.shape
+    ch = levels[0].shape[1]
+    picked = levels[0].new_zeros(b, ch, n)
+    objectness = []
+    start = 0
+    for p in levels:
+        flat = p.flatten(2)
+        size = flat.shape[2]
+        objectness.append(flat[:, 4])
+        local = index - start
+        inside = (local >= 0) & (local < size)
+        got = flat.gather(2, local.clamp(0, size - 1)[:, None, :].expand(b, ch, n))
+        picked = torch.where(inside[:, None, :], got, picked)
+        start += size
+    return torch.cat(objectness, 1).to(dtype), picked.to(dtype)
+
+
 class _Take(torch.autograd.Function):
     """The objectness of every anchor ``(B, A)`` and all channels at some anchors ``(B, 5 + C, N)``,
     read straight from the pyramid levels, in ``dtype``.
@@ -228,24 +259,10 @@ class _Take(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, index: Tensor, dtype: torch.dtype, *levels: Tensor) -> tuple[Tensor, Tensor]:
-        b, n = index.shape
-        ch = levels[0].shape[1]
-        picked = levels[0].new_zeros(b, ch, n)
-        objectness = []
-        start = 0
-        for p in levels:
-            flat = p.flatten(2)
-            size = flat.shape[2]
-            objectness.append(flat[:, 4])
-            local = index - start
-            inside = (local >= 0) & (local < size)
-            got = flat.gather(2, local.clamp(0, size - 1)[:, None, :].expand(b, ch, n))
-            picked = torch.where(inside[:, None, :], got, picked)
-            start += size
         ctx.save_for_backward(index)
         ctx.shapes = [p.shape for p in levels]
         ctx.dtypes = [p.dtype for p in levels]
-        return torch.cat(objectness, 1).to(dtype), picked.to(dtype)
+        return _read_levels(index, dtype, levels)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -276,6 +293,10 @@ class _Take(torch.autograd.Function):
 
 def _take(batch: _Batch, index: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """``(objectness (B, A), channels at index (B, 5 + C, N))`` of the batch's levels, in ``dtype``."""
+    if not torch.is_grad_enabled():
+        # the assignment needs no graph (and torch.compile fails on this autograd function under
+        # no_grad when it is given exactly two levels, as YOLO-Fastest's head gives)
+        return _read_levels(index, dtype, batch.levels)
     out = _Take.apply(index, dtype, *batch.levels)
     return out[0], out[1]
 
@@ -291,6 +312,18 @@ def _decode(reg: Tensor, x: Tensor, y: Tensor, sx: Tensor, sy: Tensor) -> Tensor
     w = torch.exp(reg[:, 2].clamp(max=MAX_LOG_SIZE)) * sx
     h = torch.exp(reg[:, 3].clamp(max=MAX_LOG_SIZE)) * sy
     return torch.stack((cx, cy, w, h), dim=-1)
+
+
+#: Decodes raw ``(B, 4, N)`` regression at anchors ``(B, N)`` of a grid into ``(B, N, 4)`` boxes
+#: ``(cx, cy, w, h)`` in pixels; the one part of the assignment and the terms that depends on the head.
+Decode = Callable[[Tensor, AnchorGrid, Tensor], Tensor]
+
+
+def _decode_cells(reg: Tensor, grid: AnchorGrid, index: Tensor) -> Tensor:
+    """YOLOX's decode (:func:`_decode`) at the grid cells ``index`` ``(B, N)``, in ``reg``'s dtype."""
+    i = index
+    dt = reg.dtype
+    return _decode(reg, grid.x[i].to(dt), grid.y[i].to(dt), grid.stride_x[i].to(dt), grid.stride_y[i].to(dt))
 
 
 def _iou_loss(pred: Tensor, target: Tensor, kind: str) -> Tensor:
@@ -312,7 +345,13 @@ def _iou_loss(pred: Tensor, target: Tensor, kind: str) -> Tensor:
 
 @torch.no_grad()
 def _assign(
-    batch: _Batch, *, center_radius: float, candidate_topk: int, iou_cost_weight: float, candidate_slots: str
+    batch: _Batch,
+    *,
+    center_radius: float,
+    candidate_topk: int,
+    iou_cost_weight: float,
+    candidate_slots: str,
+    decode: Decode = _decode_cells,
 ) -> CandidateAssignment:
     grid = batch.grid
     cand = find_candidates(
@@ -323,8 +362,7 @@ def _assign(
         capacity=candidate_slots,  # type: ignore[arg-type]
     )
     _, picked = _take(batch, cand.index, torch.float32)  # (B, 5 + C, K)
-    i = cand.index
-    boxes = _decode(picked[:, :4], grid.x[i], grid.y[i], grid.stride_x[i], grid.stride_y[i])
+    boxes = decode(picked[:, :4], grid, cand.index)
     return simota_match(
         cand,
         boxes,
@@ -351,6 +389,7 @@ def _terms(
     use_l1: bool,
     candidate_topk: int,
     normalize_across_ranks: bool,
+    decode: Decode = _decode_cells,
 ) -> LossTerms:
     # float32 (float64 inputs stay float64, e.g. for gradcheck); the assignment is always float32
     work = torch.float64 if batch.levels[0].dtype == torch.float64 else torch.float32
@@ -385,7 +424,7 @@ def _terms(
     sx, sy = grid.stride_x[anchor].to(work), grid.stride_y[anchor].to(work)
     gt_box = batch.gts.boxes[row].to(work)  # (B, F, 4)
 
-    boxes = _decode(picked[:, :4], x, y, sx, sy)
+    boxes = decode(picked[:, :4], grid, anchor)
     iou_sum = torch.where(fg, _iou_loss(boxes, gt_box, iou_loss), 0.0).sum()
     iou = reg_weight * (iou_sum / norm)
 

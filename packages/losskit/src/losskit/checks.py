@@ -13,6 +13,7 @@ governed by the ``LOSSKIT_VALUE_CHECKS`` environment variable or :func:`set_valu
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
@@ -28,8 +29,10 @@ __all__ = [
     "fmt_shape",
     "get_box_targets",
     "get_tensor",
+    "integral_scalar",
     "missing_key_error",
     "reads_are_free",
+    "real_scalar",
     "set_value_checks",
     "value_checks_enabled",
 ]
@@ -221,3 +224,38 @@ def get_box_targets(
         boxes_list.append(boxes)
         labels_list.append(labels)
     return boxes_list, labels_list
+
+
+def _integral_value(value: Any) -> int | None:
+    if isinstance(value, bool):  # numpy's bool is no numbers.Integral either
+        return None
+    if isinstance(value, Tensor):
+        if value.dim() != 0 or value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
+            return None
+        return int(value.item())  # a 0-d integer tensor (a read: free for the usual CPU tensor)
+    if isinstance(value, numbers.Integral):  # int, numpy integers
+        return int(value)
+    return None
+
+
+def integral_scalar(value: Any) -> int | None:
+    """``value`` as an ``int`` when it is an integral scalar (``int``, a numpy integer, a 0-d integer
+    tensor), else ``None``; ``bool`` is not an integer here."""
+    return _integral_value(value)
+
+
+def real_scalar(value: Any) -> float | None:
+    """``value`` as a ``float`` when it is a real scalar (``int``, ``float``, a numpy number, a 0-d
+    integer or floating tensor), else ``None``; ``bool`` and complex values are not."""
+    as_int = _integral_value(value)
+    if as_int is not None:
+        return float(as_int)
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, Tensor):
+        if value.dim() != 0 or not value.is_floating_point():
+            return None
+        return float(value.item())
+    if isinstance(value, numbers.Real):  # float, numpy floating
+        return float(value)
+    return None
