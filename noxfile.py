@@ -16,7 +16,13 @@ from pathlib import Path
 import nox
 
 ROOT = Path(__file__).resolve().parent
-PLUGINS = ("classification", "detection-yolox", "detection-retinanet", "segmentation-pidnet")
+PLUGINS = (
+    "classification",
+    "detection-yolox",
+    "detection-retinanet",
+    "segmentation-pidnet",
+    "detection-yolov9",
+)
 PLUGIN_DEPS = {"detection-retinanet": ("classification",)}
 SHARED_REQUIREMENTS = ("torch==2.14.1", "torchvision==0.29.1", "numpy", "pytest>=8", "hypothesis>=6.100")
 SHARED_ENV = Path(os.environ.get("LOSSKIT_SHARED_ENV", ROOT / ".nox" / "_torch"))
