@@ -77,8 +77,8 @@ def implementations(target: dict[str, Any], num_classes: int) -> dict[str, Loss]
 
     return {
         "YOLOX-structured loop": baseline,
-        "losskit": lambda pred: exact({"pred": pred}, target).total(),
-        "losskit static": lambda pred: static({"pred": pred}, target).total(),
+        "losskit": lambda pred: exact({"pred": pred}, target).total,
+        "losskit static": lambda pred: static({"pred": pred}, target).total,
     }
 
 

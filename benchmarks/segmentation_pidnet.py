@@ -162,7 +162,7 @@ def run_case(
     crit = PIDNetLoss(ohem=ohem).to(device)
     impls: dict[str, Callable[[], torch.Tensor]] = {
         "reference": lambda: reference_loss(out, target, ohem=ohem),
-        "losskit": lambda: crit(out, target).total(),
+        "losskit": lambda: crit(out, target).total,
     }
     values = {name: _step(fn, out) for name, fn in impls.items()}  # warm-up and value check
     times: dict[str, list[float]] = {name: [] for name in impls}

@@ -56,9 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     if use_cuda:
         torch.cuda.set_device(device)
 
-    runtime = {"normalize_across_ranks": True} if args.global_normalizer else {}
+    overrides = {"normalize_across_ranks": True} if args.global_normalizer else None
     try:
-        criterion = losskit.build_losses(args.config, device=device, **runtime)
+        criterion = losskit.build_losses(args.config, device=device, overrides=overrides)
     except losskit.LosskitError as exc:
         print(f"train_ddp: {exc}", file=sys.stderr)
         return 2

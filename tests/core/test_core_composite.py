@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -86,6 +87,8 @@ def test_set_epoch_reaches_every_criterion(registry: losskit.Registry) -> None:
     assert set(r0.parts) == set(r1.parts)  # fixed keys whatever the epoch
     loss.set_epoch(3)
     assert loss(out, target).parts["t2/b"].item() == pytest.approx(12.5)
+    loss.set_epoch(np.int64(3))  # type: ignore[arg-type]  # any integral scalar
+    assert loss["t2"].epoch == 3 and type(loss["t2"].epoch) is int
     for bad in (-1, 1.5, True, "2"):
         with pytest.raises(losskit.ConfigError, match="set_epoch expects an int >= 0"):
             loss.set_epoch(bad)  # type: ignore[arg-type]
@@ -114,15 +117,50 @@ def test_device_runtime_argument(registry: losskit.Registry) -> None:
     assert loss["two_terms"].offset.device.type == "cpu"
 
 
-def test_runtime_field_overrides(registry: losskit.Registry) -> None:
+def test_overrides_set_a_field_of_every_criterion_declaring_it(registry: losskit.Registry) -> None:
     loss = losskit.build_losses(
-        [{"criterion": "scaled_l2", "scale": 1.0}, {"criterion": "two_terms"}], registry=registry, scale=4.0
+        [{"criterion": "scaled_l2", "scale": 1.0}, {"criterion": "two_terms"}],
+        registry=registry,
+        overrides={"scale": 4.0},
     )
     assert loss["scaled_l2"].config.scale == 4.0
-    with pytest.raises(losskit.ConfigError, match="runtime argument 'nope' is not a field of any criterion"):
-        losskit.build_losses([{"criterion": "scaled_l2"}], registry=registry, nope=1)
+    with pytest.raises(losskit.ConfigError) as error:
+        losskit.build_losses([{"criterion": "scaled_l2"}], registry=registry, overrides={"nope": 1})
+    assert str(error.value) == (
+        "overrides: 'nope' is not a field of any criterion in the config "
+        "(scaled_l2: scale, gamma, mode, class_weights, steps, flag)"
+    )
     with pytest.raises(losskit.ConfigError, match=r"scale \(scaled_l2\): 99 is out of range"):
-        losskit.build_losses([{"criterion": "scaled_l2"}], registry=registry, scale=99)
+        losskit.build_losses([{"criterion": "scaled_l2"}], registry=registry, overrides={"scale": 99})
+
+
+def test_keyword_arguments_are_explicit(registry: losskit.Registry) -> None:
+    """A field given as a keyword (the old ``**runtime`` style) says to use ``overrides``."""
+    with pytest.raises(losskit.ConfigError) as error:
+        losskit.build_losses([{"criterion": "scaled_l2"}], registry=registry, scale=4.0)  # type: ignore[arg-type]
+    assert str(error.value) == (
+        "build_losses() got an unexpected keyword argument 'scale'; it takes registry, device, epoch and "
+        "overrides: to set a field of every criterion that declares it, pass overrides={'scale': ...}"
+    )
+
+
+EPOCH_HINT = (
+    "losskit does not take the epoch at build time: call `loss.set_epoch(epoch)` each epoch "
+    "(or `build_losses(..., epoch=N)` for the first one)"
+)
+
+
+@pytest.mark.parametrize("key", ["cur_epoch", "epoch_idx", "current_epoch", "start_epoch"])
+def test_epoch_keywords_say_to_call_set_epoch(registry: losskit.Registry, key: str) -> None:
+    with pytest.raises(losskit.ConfigError) as error:
+        losskit.build_losses([{"criterion": "scaled_l2"}], registry=registry, **{key: 3})
+    assert str(error.value) == f"build_losses() got an unexpected keyword argument {key!r}: {EPOCH_HINT}"
+    with pytest.raises(losskit.ConfigError) as error:
+        losskit.build_losses([{"criterion": "two_terms"}], registry=registry, overrides={key: 3})
+    assert str(error.value) == (
+        f"overrides: {key!r} is not a field of any criterion in the config (two_terms: b_from_epoch); "
+        + EPOCH_HINT
+    )
 
 
 def test_composite_never_syncs(registry: losskit.Registry, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -164,7 +164,7 @@ def loss_with_shared_params(
         r_in.append(r.detach() + theta_r[start : start + n])
         start += n
     res = RetinaNetLoss(**cfg)({"cls_logits": c_in, "bbox_regression": r_in, "anchors": anchors}, {"gt": gt})
-    total = res.total()
+    total = res.total
     total.backward()
     gc, gr = theta_c.grad, theta_r.grad
     if average_over_ranks:

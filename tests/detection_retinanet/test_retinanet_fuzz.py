@@ -118,7 +118,7 @@ def test_fuzz_finite_or_named_error(data):
         assert "out" in msg or "target" in msg, msg
     else:
         event("finite loss")
-        total = res.total()
+        total = res.total
         assert torch.isfinite(total.detach()), (cfg, res)
         assert list(res) == ["classification", "bbox_regression"]
         if total.requires_grad:

@@ -66,7 +66,7 @@ def test_terms_and_diagnostics_fixed():
     crit, out, target = _example(3)
     res = crit(out, target)
     assert list(res) == ["classification", "bbox_regression"]
-    assert list(res.diagnostics) == ["num_fg", "num_ignored"]
+    assert list(res.diagnostics) == ["num_fg", "num_ignored", "invalid_targets"]
     assert all(not d.requires_grad for d in res.diagnostics.values())
     empty = {"gt": [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}] * 3}
     res2 = crit(out, empty)
@@ -80,8 +80,8 @@ def test_all_empty_batch_is_finite_with_graph():
     crit, out, _ = _example(2)
     target = {"gt": [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}] * 2}
     res = crit(out, target)
-    assert torch.isfinite(res.total().detach()) and float(res["bbox_regression"].detach()) == 0.0
-    res.total().backward()
+    assert torch.isfinite(res.total.detach()) and float(res["bbox_regression"].detach()) == 0.0
+    res.total.backward()
     assert (
         out["bbox_regression"][0].grad is not None
         and float(out["bbox_regression"][0].grad.abs().sum()) == 0.0
@@ -97,14 +97,14 @@ def test_zero_anchor_level_and_zero_batch():
         "anchors": torch.tensor([[0.0, 0.0, 4.0, 4.0]] * 5),
     }
     res = crit(out, {"gt": []})
-    assert float(res.total().detach()) == 0.0
-    res.total().backward()
+    assert float(res.total.detach()) == 0.0
+    res.total.backward()
 
 
 def test_never_mutates_inputs():
     crit, out, target = _example(3, seed=4)
     before_out, before_target = copy.deepcopy(out), copy.deepcopy(target)
-    crit(out, target).total().backward()
+    crit(out, target).total.backward()
     crit.match(out, target)
     for key in ("cls_logits", "bbox_regression"):
         for a, b in zip(out[key], before_out[key]):
@@ -124,8 +124,8 @@ def test_deterministic_bitwise():
     a, b = crit(out, target), crit(out, target)
     for k in a:
         assert torch.equal(a[k], b[k])
-    ga = torch.autograd.grad(a.total(), out["cls_logits"])
-    gb = torch.autograd.grad(b.total(), out["cls_logits"])
+    ga = torch.autograd.grad(a.total, out["cls_logits"])
+    gb = torch.autograd.grad(b.total, out["cls_logits"])
     assert all(torch.equal(x, y) for x, y in zip(ga, gb))
 
 
@@ -142,7 +142,7 @@ def test_half_precision_inputs_close_to_fp32(dtype):
     }
     gt_half = [{"boxes": g["boxes"].to(dtype), "labels": g["labels"]} for g in gt]
     res = crit(half, {"gt": gt_half})
-    res.total().backward()
+    res.total.backward()
     for k in ref:
         assert res[k].dtype == torch.float32 and torch.isfinite(res[k])
         assert tl.rel_diff(res[k], ref[k]) < 1e-2, (k, float(res[k]), float(ref[k]))
@@ -160,13 +160,13 @@ def test_autocast_bf16_cpu():
         res = crit(out, {"gt": gt})
     for k in ref:
         assert torch.isfinite(res[k]) and tl.rel_diff(res[k], ref[k]) < 1e-5
-    res.total().backward()
+    res.total.backward()
 
 
 def test_example_runs_quickly_and_backward():
     crit, out, target = _example(4)
     res = crit(out, target)
-    res.total().backward()
+    res.total.backward()
     assert out["cls_logits"][0].grad is not None and float(res.diagnostics["num_fg"]) > 0
 
 
@@ -305,5 +305,9 @@ def test_config_file_builds_and_runs():
     out, target = crit.example(2, generator=torch.Generator().manual_seed(0))
     result = composite(out, target)
     assert set(result.parts) >= {"retinanet/classification", "retinanet/bbox_regression", "total"}
-    assert set(result.diagnostics) == {"retinanet/num_fg", "retinanet/num_ignored"}
+    assert set(result.diagnostics) == {
+        "retinanet/num_fg",
+        "retinanet/num_ignored",
+        "retinanet/invalid_targets",
+    }
     result.total.backward()

@@ -47,7 +47,7 @@ def _compare(
     c2, r2 = tl.fresh(cls), tl.fresh(reg)
     a_in = [anchors.clone() for _ in range(b)] if anchors_as_list else anchors
     _, res, idx = _ours(c2, r2, a_in, gt, box_loss=box_loss, **match_cfg)
-    res.total().backward()
+    res.total.backward()
     assert torch.equal(idx, torch.stack(ref_idx)), "matched indices differ from torchvision's Matcher"
     stats = {}
     for term in ("classification", "bbox_regression"):
@@ -118,8 +118,8 @@ def test_levels_and_single_tensor_agree():
     _, a, _ = _ours(cls, reg, anchors, gt)
     c2, r2 = tl.fresh(cls), tl.fresh(reg)
     _, b, _ = _ours(torch.cat(c2, 1), torch.cat(r2, 1), anchors, gt)
-    a.total().backward()
-    b.total().backward()
+    a.total.backward()
+    b.total.backward()
     for term in a:
         assert torch.allclose(a[term], b[term], rtol=1e-6, atol=0)
     assert torch.allclose(tl.grads(cls), tl.grads(c2), rtol=1e-6, atol=1e-12)
@@ -229,6 +229,6 @@ def test_gradcheck_float64_tiny():
     ]
 
     def f(c, r):
-        return crit({"cls_logits": c, "bbox_regression": r, "anchors": anchors}, {"gt": gt}).total()
+        return crit({"cls_logits": c, "bbox_regression": r, "anchors": anchors}, {"gt": gt}).total
 
     assert torch.autograd.gradcheck(f, (c, r), eps=1e-6, atol=1e-7, fast_mode=True)

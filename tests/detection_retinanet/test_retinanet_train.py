@@ -87,7 +87,7 @@ def test_tiny_training_run_halves_the_loss():
     for _ in range(30):
         cls, reg, _ = model(images)
         res = crit({"cls_logits": cls, "bbox_regression": reg, "anchors": anchors}, {"gt": targets})
-        loss = res.total()
+        loss = res.total
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -181,7 +181,7 @@ def test_all_empty_batch_is_objectness_only_with_the_graph_intact() -> None:
     obj = torch.cat([p.detach()[:, 4].flatten(1) for p in out["pred"]], 1)
     expected = F.binary_cross_entropy_with_logits(obj, torch.zeros_like(obj), reduction="sum")  # / max(0, 1)
     assert float(terms["obj"]) == pytest.approx(float(expected), rel=1e-6)
-    terms.total().backward()
+    terms.total.backward()
     for p in out["pred"]:
         assert torch.isfinite(p.grad).all()
         assert (p.grad[:, 4] != 0).all() and (p.grad[:, :4] == 0).all() and (p.grad[:, 5:] == 0).all()
@@ -197,7 +197,7 @@ def test_boxes_outside_the_grid_have_no_candidates() -> None:
     assert not a.fg_mask[0].any() and a.fg_mask[1].any()
     assert a.dynamic_k[0].tolist() == [0, 0]
     terms = crit(out, target)
-    terms.total().backward()
+    terms.total.backward()
     assert all(torch.isfinite(t) for t in terms.values())
 
 
@@ -205,7 +205,7 @@ def test_zero_batch() -> None:
     pred = [torch.zeros(0, 8, s, s, requires_grad=True) for s in (4, 2)]
     terms = yolox_loss(pred, [], 32)
     assert all(float(t) == 0.0 for t in terms.values())
-    terms.total().backward()
+    terms.total.backward()
     assert yolox_assign(pred, [], 32).fg_mask.shape == (0, 20)
 
 
@@ -264,8 +264,8 @@ def test_static_and_exact_candidate_slots_agree() -> None:
     e, s = exact(o1, target), static(o2, target)
     for name in e:
         assert float(s[name]) == pytest.approx(float(e[name]), rel=1e-6, abs=1e-7)
-    e.total().backward()
-    s.total().backward()
+    e.total.backward()
+    s.total.backward()
     for p, q in zip(o1["pred"], o2["pred"]):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
 

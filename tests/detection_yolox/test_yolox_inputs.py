@@ -202,7 +202,7 @@ def test_zero_size_boxes_are_allowed() -> None:
     out, target = batch()
     target["gt"][0]["boxes"] = torch.tensor([[10.0, 10.0, 10.0, 10.0], [0.0, 5.0, 0.0, 30.0]])
     terms = YOLOXLoss(l1_activate_epoch=0)(out, target)
-    terms.total().backward()
+    terms.total.backward()
     assert all(torch.isfinite(t) for t in terms.values())
     assert all(torch.isfinite(p.grad).all() for p in out["pred"])
 
@@ -295,6 +295,6 @@ def test_fuzz_finite_or_named_error_and_inputs_untouched(data: tuple[Any, Any], 
         assert all(torch.isfinite(t) for t in terms.values()), terms
         leaves = [p.requires_grad_(True) for p in out["pred"]]
         terms = crit({"pred": leaves}, target)
-        terms.total().backward()
+        terms.total.backward()
         assert all(torch.isfinite(p.grad).all() for p in leaves if p.grad is not None)
     assert same(out, before_out) and same(target, before_target)

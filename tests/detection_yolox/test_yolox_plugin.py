@@ -68,7 +68,7 @@ def test_example_is_small_valid_and_seeded() -> None:
     start = time.perf_counter()
     out, target = crit.example(3, generator=torch.Generator().manual_seed(1))
     terms = crit(out, target)
-    terms.total().backward()
+    terms.total.backward()
     assert time.perf_counter() - start < 1.0
     assert all(p.is_leaf and p.requires_grad for p in out["pred"])
     again, _ = crit.example(3, generator=torch.Generator().manual_seed(1))

@@ -47,7 +47,7 @@ def test_half_precision_inputs(dtype: torch.dtype) -> None:
     low = {"pred": [p.detach().to(dtype).requires_grad_(True) for p in out["pred"]]}
     upcast = {"pred": [p.detach().float().requires_grad_(True) for p in low["pred"]]}
     terms, same = crit(low, target), crit(upcast, target)
-    terms.total().backward()
+    terms.total.backward()
     for name in terms:
         assert terms[name].dtype == torch.float32 and torch.isfinite(terms[name])
         # everything is computed in float32: only the rounding of the inputs differs from float32
@@ -66,7 +66,7 @@ def test_under_cpu_autocast_bf16_the_result_is_the_float32_one() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         auto = crit(auto_out, target)
         assignment = crit.assign(auto_out, target)
-    auto.total().backward()
+    auto.total.backward()
     for name in plain:
         assert torch.equal(plain[name], auto[name])
     assert torch.equal(assignment.fg_mask, crit.assign(out, target).fg_mask)
@@ -79,8 +79,8 @@ def test_bit_identical_across_calls() -> None:
     crit.set_epoch(1)
     first, second = fresh(out), fresh(out)
     a, b = crit(first, target), crit(second, target)
-    a.total().backward()
-    b.total().backward()
+    a.total.backward()
+    b.total.backward()
     for name in a:
         assert torch.equal(a[name], b[name])
     for p, q in zip(first["pred"], second["pred"]):
@@ -99,7 +99,7 @@ def test_forward_and_backward_read_no_tensor_data() -> None:
     crit = YOLOXLoss()  # "auto": static slots off the CPU
     crit.set_epoch(1)
     terms = crit(meta_out, meta_target)
-    terms.total().backward()
+    terms.total.backward()
     assert all(p.grad.shape == p.shape for p in meta_out["pred"])
     assert crit.assign(meta_out, meta_target).fg_mask.shape == (2, 84)
     with pytest.raises(RuntimeError, match="meta"):  # the exact sizing reads one number
@@ -111,7 +111,7 @@ def test_a_crowded_image_with_500_boxes_runs() -> None:
     crit = YOLOXLoss()
     start = time.perf_counter()
     terms = crit(out, target)
-    terms.total().backward()
+    terms.total.backward()
     elapsed = time.perf_counter() - start
     assert all(torch.isfinite(t) for t in terms.values())
     assert float(terms.diagnostics["num_fg"]) >= 200
@@ -136,7 +136,7 @@ def test_no_host_device_sync_on_cuda() -> None:
     torch.cuda.set_sync_debug_mode("error")
     try:
         terms = crit(fresh(dev_out), dev_target)
-        terms.total().backward()
+        terms.total.backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
     cpu = crit(out, target)

@@ -77,7 +77,7 @@ def train() -> None:
     for _ in range(400):
         idx = torch.randint(0, len(gts), (8,), generator=gen)
         terms = crit({"pred": model(images[idx])}, {"gt": [gts[int(i)] for i in idx], "img_size": IMG})
-        loss = terms.total()
+        loss = terms.total
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -127,7 +127,7 @@ def shared_model_grads(
     crit = YOLOXLoss(**fields)
     crit.set_epoch(1)
     terms = crit({"pred": [p + t for p, t in zip(levels, theta)]}, target)
-    terms.total().backward()
+    terms.total.backward()
     return [t.grad for t in theta], terms
 
 

@@ -22,12 +22,15 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
 def _leaves(out):
-    leaves = [t for t in out.values() if isinstance(t, torch.Tensor) and t.requires_grad]
-    return leaves + [t for v in out.values() if isinstance(v, list) for t in v if t.requires_grad]
+    """Model outputs that require grad, also inside lists and dicts (DETR's aux sets)."""
+    if isinstance(out, torch.Tensor):
+        return [out] if out.requires_grad else []
+    items = out.values() if isinstance(out, dict) else out if isinstance(out, (list, tuple)) else ()
+    return [t for v in items for t in _leaves(v)]
 
 
 def _total(result):
-    return result.total() if isinstance(result, losskit.LossTerms) else result
+    return result.total if isinstance(result, losskit.LossTerms) else result
 
 
 @pytest.fixture(autouse=True)

@@ -122,7 +122,7 @@ def ddp_worker(
         terms = PIDNetLoss(normalize_across_ranks=flag)(
             split_heads(model(features[part]), classes), {k: v[part] for k, v in target.items()}
         )
-        terms.total().backward()
+        terms.total.backward()
         averaged = {}
         for name, param in model.named_parameters():
             g = param.grad.detach().clone()

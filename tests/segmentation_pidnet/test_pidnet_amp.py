@@ -26,18 +26,18 @@ def test_low_precision_inputs(dtype):
         torch.testing.assert_close(got[name], rounded[name], rtol=1e-6, atol=1e-7)
     # ... and within the input rounding of the fp32 loss (documented: 5e-2 relative on the total).
     full = PIDNetLoss()(out, target)
-    torch.testing.assert_close(got.total(), full.total(), rtol=5e-2, atol=0)
-    got.total().backward()
+    torch.testing.assert_close(got.total, full.total, rtol=5e-2, atol=0)
+    got.total.backward()
     assert all(v.grad.dtype == dtype and torch.isfinite(v.grad.float()).all() for v in low.values())
 
 
 def test_autocast_does_not_lower_internal_precision():
     out, target = make_batch(2, 5, 8, 12, 32, 48, dtype=torch.float32, seed=2)
     plain = PIDNetLoss()(out, target)
-    plain_grads = torch.autograd.grad(plain.total(), list(out.values()))
+    plain_grads = torch.autograd.grad(plain.total, list(out.values()))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         inside = PIDNetLoss()(out, target)
-        inside_grads = torch.autograd.grad(inside.total(), list(out.values()))  # backward inside autocast too
+        inside_grads = torch.autograd.grad(inside.total, list(out.values()))  # backward inside autocast too
     for name in plain:
         torch.testing.assert_close(inside[name], plain[name], rtol=1e-6, atol=1e-7)
     for a, b in zip(inside_grads, plain_grads):
@@ -57,10 +57,10 @@ def test_autocast_model_outputs():
         y = head(x)
         assert y.dtype == torch.bfloat16
         terms = PIDNetLoss()(heads(y), target)
-    terms.total().backward()
+    terms.total.backward()
     assert torch.isfinite(head.weight.grad).all()
     ref = PIDNetLoss()(heads(head(x)), target)
-    torch.testing.assert_close(terms.total(), ref.total(), rtol=5e-2, atol=0)
+    torch.testing.assert_close(terms.total, ref.total, rtol=5e-2, atol=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -73,12 +73,12 @@ def test_cuda_no_host_sync(ohem):
     out_d = {k: v.detach().to(dev).requires_grad_() for k, v in out.items()}
     target_d = {k: v.to(dev) for k, v in target.items()}
     crit = crit.to(dev)
-    crit(out_d, target_d).total().backward()  # warm-up: cached interpolation matrices
+    crit(out_d, target_d).total.backward()  # warm-up: cached interpolation matrices
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         terms = crit(out_d, target_d)
-        terms.total().backward()
+        terms.total.backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
     for name in cpu:

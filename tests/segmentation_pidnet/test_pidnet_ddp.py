@@ -27,7 +27,7 @@ def test_global_normalisation_matches_single_process():
     ranks = run_on_ranks(ddp_worker, world_size=2, args=(features, target, CLASSES))
 
     model = tiny_heads(CLASSES)
-    PIDNetLoss()(split_heads(model(features), CLASSES), target).total().backward()
+    PIDNetLoss()(split_heads(model(features), CLASSES), target).total.backward()
     single = {name: p.grad for name, p in model.named_parameters()}
 
     worst_on = worst_off = 0.0

@@ -62,7 +62,7 @@ def test_inference_head_gives_connected_zero(how):
     got = crit(out, {})  # targets are not read
     assert list(got) == TERMS and list(got.diagnostics) == DIAGNOSTICS
     assert all(v == 0 for v in got.values())
-    got.total().backward()
+    got.total.backward()
     assert torch.equal(out["pred"].grad, torch.zeros_like(out["pred"]))
     assert torch.equal(out["extra_d"].grad, torch.zeros_like(out["extra_d"]))
 
@@ -71,7 +71,7 @@ def test_empty_batch():
     out, target = make_batch(0, 3, 5, 6, 20, 24)
     got = PIDNetLoss(ohem=True)(out, target)
     assert list(got) == TERMS and all(v == 0 for v in got.values())
-    got.total().backward()
+    got.total.backward()
 
 
 def test_inputs_are_not_mutated():
@@ -80,7 +80,7 @@ def test_inputs_are_not_mutated():
     target_before = {k: v.clone() for k, v in target.items()}
     out_ids = {k: id(v) for k, v in out.items()}
     for ohem in (False, True):
-        PIDNetLoss(ohem=ohem)(out, target).total().backward()
+        PIDNetLoss(ohem=ohem)(out, target).total.backward()
     assert {k: id(v) for k, v in out.items()} == out_ids and list(out) == list(out_before)
     for k in out:
         assert torch.equal(out[k].detach(), out_before[k])
@@ -93,7 +93,7 @@ def test_deterministic_on_cpu():
     def run():
         out, target = make_batch(2, 19, 16, 32, 128, 256, dtype=torch.float32, seed=9)
         terms = PIDNetLoss(ohem=True, ohem_min_kept=1000)(out, target)
-        terms.total().backward()
+        terms.total.backward()
         return [t.detach() for t in terms.values()] + [v.grad for v in out.values()]
 
     for a, b in zip(run(), run()):

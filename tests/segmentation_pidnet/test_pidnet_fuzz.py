@@ -152,7 +152,7 @@ def test_finite_or_input_error_and_never_mutated(case: Any) -> None:
         assert list(terms.diagnostics) == list(PIDNetLoss.diagnostics)
         for name, value in terms.items():
             assert value.dim() == 0 and torch.isfinite(value), (defect, name, value)
-        terms.total().backward()
+        terms.total.backward()
         for key, leaf in leaves.items():
             if leaf.grad is not None:
                 assert torch.isfinite(leaf.grad.float()).all(), (defect, key)
@@ -179,7 +179,7 @@ def test_bit_identical_twice(batch: int, classes: int, seed: int, ohem: bool) ->
     for _ in range(2):
         leaves = {k: v.detach().clone().requires_grad_() for k, v in out.items()}
         terms = crit(leaves, target)
-        terms.total().backward()
+        terms.total.backward()
         results.append([t.detach() for t in terms.values()] + [v.grad for v in leaves.values()])
     for a, b in zip(*results):
         assert torch.equal(a, b)

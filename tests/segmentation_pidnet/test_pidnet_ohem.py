@@ -74,7 +74,7 @@ def test_class_weighted_ohem_divides_by_count():
 def test_no_boundary_pixel_with_ohem():
     got = pidnet_loss(*_row(PROBS, d=-10.0), ohem=True)
     assert got["boundary_ce"] == 0 and got.diagnostics["boundary_ce_pixels"] == 0
-    got.total().backward()
+    got.total.backward()
 
 
 def test_mask_regimes_directly():

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from pidnet_helpers import IGNORE, grads, make_batch, reference_terms
 
+from losskit_ops import resize2d
 from losskit_segmentation_pidnet import PIDNetLoss, pidnet_loss, upsampled_nll
 from losskit_segmentation_pidnet._boundary import balanced_bce
-from losskit_segmentation_pidnet._resize import resize2d
 
 SIZES = [
     # B, C, h, w, H, W

@@ -2,13 +2,8 @@
 """Batched anchor matching for RetinaNet (private).
 
 Ground truths of the B images are padded to ``G = max n_i`` boxes with a ``(B, G)`` validity mask, and the
-IoU of every (image, gt, anchor) triple is computed at once by :func:`batched_box_iou`. That function is
-our own rather than ``torchvision.ops.box_iou`` (which also accepts leading batch dimensions since
-torchvision 0.24) for speed and memory only: box_iou broadcasts ``(..., G, 1, 2)`` corner pairs against
-``(..., 1, A, 2)``, materialising three ``(B, G, A, 2)`` temporaries in a layout that vectorises poorly;
-computing x and y separately on ``(B, G, A)`` with in-place ops does the same arithmetic, element by
-element and in the same order, in about 2/3 of the time and half the memory. The values are therefore
-bit-identical to box_iou's (a test checks it), and so are the matches.
+IoU of (image, gt, anchor) triples is computed by ``losskit_ops.batched_box_iou`` (bit-identical to
+``torchvision.ops.box_iou``, faster and smaller; see its docstring), so the matches are torchvision's.
 
 The rules are those of ``torchvision.models.detection._utils.Matcher``, applied to all images at once:
 
@@ -18,24 +13,45 @@ The rules are those of ``torchvision.models.detection._utils.Matcher``, applied 
    highest IoU (ties included, even when that IoU is below the thresholds, even 0) get back their
    best gt from step 1.
 
-Padded gts get IoU -1 so that they never win step 1 and are masked out of step 3. An image without any
-gt has every anchor background.
+Padded and invalid gts (see :func:`prepare_gt`) get IoU -1 so that they never win step 1 and are masked
+out of step 3. An image without any valid gt has every anchor background; so has every invalid anchor
+(zero or negative width or height, or not finite), which takes part in matching as an all-zero box.
+
+**Blocks.** When the padded ``B x G x A`` IoU is small and padding wastes little (gt counts alike), one
+batched block computes it. Otherwise (skewed or crowded batches) each image is matched on its own, over
+chunks of at most ``max_elements // A`` gts: step 1 keeps a running maximum (a later chunk wins only with
+a strictly higher IoU, so the first gt still wins ties) and step 3 needs only each gt's own row, so the
+matches are identical while the memory is bounded by ``max_elements`` per intermediate.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torchvision.models.detection._utils import encode_boxes
 
-__all__ = ["BACKGROUND", "IGNORED", "batched_box_iou", "decode", "encode", "match_anchors", "pad_gt"]
+from losskit_ops.boxes import batched_box_iou
+
+__all__ = [
+    "BACKGROUND",
+    "IGNORED",
+    "MAX_BLOCK_ELEMENTS",
+    "PaddedGt",
+    "match_anchors",
+    "pad_gt",
+    "prepare_gt",
+    "safe_anchors",
+]
 
 #: Matched index of a background anchor.
 BACKGROUND = -1
 #: Matched index of an anchor whose best IoU lies between the thresholds (no loss at all).
 IGNORED = -2
+#: Largest IoU block (images x gts x anchors) computed at once: 64 MiB per float32 intermediate.
+MAX_BLOCK_ELEMENTS = 1 << 24
 
 
 def pad_gt(
@@ -74,63 +90,116 @@ def pad_gt(
     return padded_boxes, padded_labels, valid
 
 
-def encode(matched: Tensor, anchors: Tensor, weights: tuple[float, float, float, float]) -> Tensor:
-    """Box-coder targets ``(N, 4)`` of ``matched`` gt boxes against ``anchors`` (both ``(N, 4)`` xyxy).
+class PaddedGt(NamedTuple):
+    """Ground truths of a batch, padded, with what matching may use.
 
-    torchvision's ``encode_boxes`` (what ``BoxCoder.encode_single`` calls), given the weights as a CPU
-    tensor: ``BoxCoder`` builds it on the boxes' device, a host-to-device copy that synchronises.
+    Attributes:
+        boxes: ``(B, G, 4)`` xyxy, zeros in padding.
+        labels: ``(B, G)`` int64, 0 in padding.
+        valid: ``(B, G)`` bool: a real gt with finite coordinates, positive width and height and a label
+            in ``[0, C)``; matching sees only these.
+        num_invalid: int64 scalar: real gts left out (degenerate, inverted or non-finite box, or label
+            out of range).
+        counts: ``n_i``, the real gts of each image (host integers, from the shapes).
     """
-    return encode_boxes(matched, anchors, torch.tensor(weights, dtype=matched.dtype))
+
+    boxes: Tensor
+    labels: Tensor
+    valid: Tensor
+    num_invalid: Tensor
+    counts: tuple[int, ...]
 
 
-def decode(
-    deltas: Tensor, anchors: Tensor, weights: tuple[float, float, float, float], clip: float
-) -> Tensor:
-    """Boxes ``(N, 4)`` xyxy from ``deltas`` ``(N, 4)`` relative to ``anchors`` ``(N, 4)``.
+def prepare_gt(
+    boxes: Sequence[Tensor],
+    labels: Sequence[Tensor],
+    *,
+    num_classes: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> PaddedGt:
+    """Pad the ground truths (:func:`pad_gt`) and mark those matching may use (no host sync)."""
+    boxes_p, labels_p, real = pad_gt(list(boxes), list(labels), dtype=dtype, device=device)
+    ok = (
+        (boxes_p[..., 2] > boxes_p[..., 0])
+        & (boxes_p[..., 3] > boxes_p[..., 1])
+        & torch.isfinite(boxes_p).all(dim=-1)
+        & (labels_p >= 0)
+        & (labels_p < num_classes)
+    )
+    valid = real & ok
+    num_invalid = (real & ~ok).sum()
+    return PaddedGt(boxes_p, labels_p, valid, num_invalid, tuple(int(x.shape[0]) for x in boxes))
 
-    The arithmetic of torchvision's ``BoxCoder.decode_single``, in the same order (so the same values
-    bit for bit, a test checks it), without its ``torch.tensor(0.5, device=...)``, a synchronising
-    host-to-device copy on accelerators.
-    """
-    anchors = anchors.to(deltas.dtype)
-    widths = anchors[:, 2] - anchors[:, 0]
-    heights = anchors[:, 3] - anchors[:, 1]
-    ctr_x = anchors[:, 0] + 0.5 * widths
-    ctr_y = anchors[:, 1] + 0.5 * heights
-    wx, wy, ww, wh = weights
-    dx = deltas[:, 0] / wx
-    dy = deltas[:, 1] / wy
-    dw = torch.clamp(deltas[:, 2] / ww, max=clip)
-    dh = torch.clamp(deltas[:, 3] / wh, max=clip)
-    pred_ctr_x = dx * widths + ctr_x
-    pred_ctr_y = dy * heights + ctr_y
-    half_w = 0.5 * (torch.exp(dw) * widths)
-    half_h = 0.5 * (torch.exp(dh) * heights)
-    return torch.stack(
-        (pred_ctr_x - half_w, pred_ctr_y - half_h, pred_ctr_x + half_w, pred_ctr_y + half_h), dim=1
+
+def safe_anchors(anchors: Tensor) -> tuple[Tensor, Tensor]:
+    """The anchors with every invalid one (zero or negative width or height, or not finite) replaced by
+    the all-zero box, and the ``(..., A)`` bool mask of valid anchors. Valid anchors are unchanged."""
+    ok = (
+        (anchors[..., 2] > anchors[..., 0])
+        & (anchors[..., 3] > anchors[..., 1])
+        & torch.isfinite(anchors).all(dim=-1)
+    )
+    return torch.where(ok[..., None], anchors, 0.0), ok
+
+
+class _Best(NamedTuple):
+    """Per (image, anchor): best IoU, its gt index, and whether it is some gt's highest-IoU anchor."""
+
+    iou: Tensor
+    gt: Tensor
+    is_best: Tensor | None
+
+
+def _block(boxes: Tensor, valid: Tensor, anchors: Tensor, low_quality: bool) -> _Best:
+    """Steps 1 and the per-gt part of 3 for one block of ``(b, r, 4)`` gts against ``anchors``."""
+    iou = batched_box_iou(boxes, anchors)  # (b, r, A)
+    iou.masked_fill_(~valid[:, :, None], -1.0)
+    best_iou, best_gt = iou.max(dim=1)  # (b, A); first maximum on ties, as Matcher's max(dim=0)
+    is_best = None
+    if low_quality:
+        highest = iou.amax(dim=2, keepdim=True)  # (b, r, 1)
+        highest.masked_fill_(~valid[:, :, None], math.inf)  # padding: never equal to an IoU
+        is_best = (iou == highest).any(dim=1)  # (b, A): the best anchor of some gt (ties included)
+    return _Best(best_iou, best_gt, is_best)
+
+
+def _merge(first: _Best, later: _Best, offset: int) -> _Best:
+    """Fold a later block of gts (rows from ``offset``) into ``first``: it wins only with a higher IoU."""
+    better = later.iou > first.iou
+    is_best = None
+    if first.is_best is not None and later.is_best is not None:
+        is_best = first.is_best | later.is_best
+    return _Best(
+        torch.where(better, later.iou, first.iou),
+        torch.where(better, later.gt + offset, first.gt),
+        is_best,
     )
 
 
-def batched_box_iou(boxes: Tensor, anchors: Tensor) -> Tensor:
-    """IoU of ``(B, G, 4)`` xyxy boxes against ``(A, 4)`` or ``(B, A, 4)`` xyxy anchors: ``(B, G, A)``.
+def _decide(best: _Best, fg_iou_thresh: float, bg_iou_thresh: float) -> Tensor:
+    background = torch.full_like(best.gt, BACKGROUND)
+    ignored = torch.full_like(best.gt, IGNORED)
+    matches = torch.where(
+        best.iou < bg_iou_thresh,
+        background,
+        torch.where(best.iou < fg_iou_thresh, ignored, best.gt),
+    )
+    if best.is_best is not None:
+        matches = torch.where(best.is_best, best.gt, matches)
+    return matches
 
-    Same arithmetic as ``torchvision.ops.box_iou`` (areas ``(x2 - x1) * (y2 - y1)``, intersection
-    ``clamp(min(x2) - max(x1), 0) * clamp(min(y2) - max(y1), 0)``, ``inter / (area1 + area2 - inter)``),
-    hence the same values bit for bit; no autograd (used under ``no_grad``).
-    """
-    gx1, gy1, gx2, gy2 = (t[:, :, None] for t in boxes.unbind(-1))  # (B, G, 1)
-    if anchors.dim() == 2:
-        ax1, ay1, ax2, ay2 = (t[None, None, :] for t in anchors.unbind(-1))  # (1, 1, A)
-    else:
-        ax1, ay1, ax2, ay2 = (t[:, None, :] for t in anchors.unbind(-1))  # (B, 1, A)
-    area_g = (gx2 - gx1) * (gy2 - gy1)
-    area_a = (ax2 - ax1) * (ay2 - ay1)
-    inter = torch.minimum(gx2, ax2).sub_(torch.maximum(gx1, ax1)).clamp_(min=0)
-    h = torch.minimum(gy2, ay2).sub_(torch.maximum(gy1, ay1)).clamp_(min=0)
-    inter.mul_(h)
-    del h
-    union = (area_g + area_a).sub_(inter)
-    return inter.div_(union)
+
+def _match_image(
+    boxes: Tensor, valid: Tensor, anchors: Tensor, n: int, rows: int, low_quality: bool
+) -> _Best:
+    """One image (``boxes`` ``(1, G, 4)``, its first ``n`` real), gts in chunks of ``rows``."""
+    first = min(rows, n)
+    best = _block(boxes[:, :first], valid[:, :first], anchors, low_quality)
+    for start in range(rows, n, rows):
+        stop = min(start + rows, n)
+        best = _merge(best, _block(boxes[:, start:stop], valid[:, start:stop], anchors, low_quality), start)
+    return best
 
 
 @torch.no_grad()
@@ -142,16 +211,21 @@ def match_anchors(
     fg_iou_thresh: float,
     bg_iou_thresh: float,
     allow_low_quality_matches: bool,
+    counts: Sequence[int] | None = None,
+    max_elements: int = MAX_BLOCK_ELEMENTS,
 ) -> Tensor:
     """Match anchors to padded ground truths, as torchvision's ``Matcher`` does image by image.
 
     Args:
         gt_boxes: ``(B, G, 4)`` xyxy ground truths, padded.
-        gt_valid: ``(B, G)`` bool, True for real boxes.
+        gt_valid: ``(B, G)`` bool, True for the gts matching may use.
         anchors: ``(A, 4)`` xyxy anchors shared by the images, or ``(B, A, 4)`` per image.
         fg_iou_thresh: best IoU at or above it: foreground.
         bg_iou_thresh: best IoU below it: background; in between: ignored.
         allow_low_quality_matches: each gt's highest-IoU anchors (ties included) are foreground.
+        counts: the real gts of each image (host integers; default ``G`` each): rows past them are padding.
+        max_elements: the largest IoU block computed at once (see the module doc); the result does not
+            depend on it.
 
     Returns:
         ``(B, A)`` int64: the matched gt index in ``[0, n_i)``, ``BACKGROUND`` (-1) or ``IGNORED`` (-2).
@@ -160,19 +234,22 @@ def match_anchors(
     a = anchors.shape[-2]
     if g == 0 or a == 0:
         return torch.full((b, a), BACKGROUND, dtype=torch.int64, device=anchors.device)
-    iou = batched_box_iou(gt_boxes, anchors)  # (B, G, A)
-    iou.masked_fill_(~gt_valid[:, :, None], -1.0)
-    best_iou, best_gt = iou.max(dim=1)  # (B, A); first maximum on ties, as Matcher's max(dim=0)
-    background = torch.full_like(best_gt, BACKGROUND)
-    ignored = torch.full_like(best_gt, IGNORED)
-    matches = torch.where(
-        best_iou < bg_iou_thresh,
-        background,
-        torch.where(best_iou < fg_iou_thresh, ignored, best_gt),
-    )
-    if allow_low_quality_matches:
-        highest = iou.amax(dim=2, keepdim=True)  # (B, G, 1)
-        highest.masked_fill_(~gt_valid[:, :, None], math.inf)  # padding: never equal to an IoU
-        is_best = (iou == highest).any(dim=1)  # (B, A): the best anchor of some gt (ties included)
-        matches = torch.where(is_best, best_gt, matches)
-    return matches
+    counts = tuple(counts) if counts is not None else (g,) * b
+    anchors, anchor_ok = safe_anchors(anchors)
+    if b * g * a <= max_elements and 4 * b * g <= 5 * sum(counts):  # small, little padding: one block
+        best = _block(gt_boxes, gt_valid, anchors, allow_low_quality_matches)
+        matches = _decide(best, fg_iou_thresh, bg_iou_thresh)
+    else:
+        rows = max(1, max_elements // a)
+        per_image = []
+        for i, n in enumerate(counts):
+            if n == 0:
+                per_image.append(torch.full((1, a), BACKGROUND, dtype=torch.int64, device=anchors.device))
+                continue
+            anc = anchors if anchors.dim() == 2 else anchors[i : i + 1]
+            best = _match_image(
+                gt_boxes[i : i + 1], gt_valid[i : i + 1], anc, n, rows, allow_low_quality_matches
+            )
+            per_image.append(_decide(best, fg_iou_thresh, bg_iou_thresh))
+        matches = torch.cat(per_image)
+    return torch.where(anchor_ok, matches, BACKGROUND)

@@ -7,7 +7,6 @@ https://github.com/Megvii-BaseDetection/YOLOX (``yolox/models/yolo_head.py``, ma
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from torchvision.ops import box_convert
 from losskit import ConfigError, Criterion, InputError, LossTerms, option
 from losskit.checks import fmt_shape, get_box_targets, value_checks_enabled
 from losskit.dist import global_mean
+from losskit.tensors import autocast_off
 from losskit_detection_yolox._assign import (
     AnchorGrid,
     Assignment,
@@ -280,14 +280,6 @@ def _take(batch: _Batch, index: Tensor, dtype: torch.dtype) -> tuple[Tensor, Ten
     return out[0], out[1]
 
 
-def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """Autocast off (float32 math inside, whatever the caller's autocast region)."""
-    try:
-        return torch.autocast(device.type, enabled=False)
-    except RuntimeError:  # a device type without autocast support (e.g. meta)
-        return contextlib.nullcontext()
-
-
 def _decode(reg: Tensor, x: Tensor, y: Tensor, sx: Tensor, sy: Tensor) -> Tensor:
     """Raw ``(B, 4, N)`` regression to ``(B, N, 4)`` boxes ``(cx, cy, w, h)`` in pixels.
 
@@ -448,7 +440,7 @@ def yolox_assign(
     batch = _prepare(
         {"pred": pred}, {"gt": gt, "img_size": img_size}, num_classes=num_classes, strides=strides
     )
-    with _no_autocast(batch.levels[0].device):
+    with autocast_off(batch.levels[0].device):
         cand = _assign(
             batch,
             center_radius=center_radius,
@@ -537,7 +529,7 @@ def _loss_of_batch(
     normalize_across_ranks: bool,
     candidate_slots: str,
 ) -> LossTerms:
-    with _no_autocast(batch.levels[0].device):
+    with autocast_off(batch.levels[0].device):
         cand = _assign(
             batch,
             center_radius=center_radius,
@@ -652,7 +644,7 @@ class YOLOXLoss(Criterion):
         """
         cfg = self.config
         batch = self._batch(out, target)
-        with _no_autocast(batch.levels[0].device):
+        with autocast_off(batch.levels[0].device):
             cand = _assign(
                 batch,
                 center_radius=cfg.center_radius,

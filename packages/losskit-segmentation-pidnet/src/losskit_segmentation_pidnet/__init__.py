@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from losskit_segmentation_pidnet._upsampled_nll import upsampled_nll
+from losskit_ops import upsampled_nll  # moved to losskit-ops; re-exported for existing imports
 from losskit_segmentation_pidnet.pidnet import PIDNetLoss, pidnet_loss
 
 __all__ = ["PIDNetLoss", "pidnet_loss", "upsampled_nll"]

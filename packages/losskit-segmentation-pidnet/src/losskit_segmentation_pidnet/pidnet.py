@@ -16,30 +16,16 @@ from torch import Tensor
 from losskit import Criterion, InputError, LossTerms, option
 from losskit.checks import fmt_shape, get_tensor, value_checks_enabled
 from losskit.dist import global_mean
+from losskit.tensors import autocast_off, graph_zero
+from losskit_ops import resize2d, upsampled_nll
 from losskit_segmentation_pidnet._boundary import balanced_bce
 from losskit_segmentation_pidnet._ohem import ohem_mask
-from losskit_segmentation_pidnet._resize import autocast_off, resize2d
-from losskit_segmentation_pidnet._upsampled_nll import upsampled_nll
 
 __all__ = ["PIDNetLoss", "pidnet_loss"]
 
 NAME = "pidnet_loss"
 TERMS = ("ce", "boundary", "boundary_ce")
 DIAGNOSTICS = ("ce_p", "ce_i", "valid_pixels", "ce_i_pixels", "boundary_ce_pixels")
-
-
-def _graph_zero(*tensors: Tensor | None) -> Tensor:
-    """A float32 scalar 0 connected to every given tensor's graph (zero gradients, even through NaN)."""
-    zero: Tensor | None = None
-    for t in tensors:
-        if t is None:
-            continue
-        part = t.reshape(-1)[:0].sum()  # an empty sum: 0 with a zero gradient whatever t holds
-        part = part.float() if part.is_floating_point() else part.to(torch.float32)
-        zero = part if zero is None else zero + part
-    if zero is None:  # pragma: no cover - pred is always given
-        return torch.zeros(())
-    return zero
 
 
 def _normaliser(total: Tensor, enabled: bool) -> Tensor:
@@ -199,7 +185,7 @@ def pidnet_loss(
     """
     if extra_p is None:
         _check_logits(pred, "pred", channels=None, like=None)
-        zero = _graph_zero(pred, extra_d)
+        zero = graph_zero(pred, extra_d)
         terms = {name: zero for name in TERMS}
         diagnostics = {name: torch.zeros((), device=pred.device) for name in DIAGNOSTICS}
         return LossTerms(terms, diagnostics)
@@ -220,7 +206,7 @@ def pidnet_loss(
     height, width = target.shape[-2:]
     device = pred.device
     if batch * height * width == 0:
-        zero = _graph_zero(pred, extra_p, extra_d)
+        zero = graph_zero(pred, extra_p, extra_d)
         diagnostics = {name: torch.zeros((), device=device) for name in DIAGNOSTICS}
         return LossTerms({name: zero for name in TERMS}, diagnostics)
     dtype = torch.float64 if torch.float64 in (pred.dtype, extra_p.dtype, extra_d.dtype) else torch.float32

@@ -13,8 +13,9 @@ governed by the ``LOSSKIT_VALUE_CHECKS`` environment variable or :func:`set_valu
 
 from __future__ import annotations
 
+import numbers
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -23,10 +24,15 @@ from torch import Tensor
 from losskit.errors import ConfigError, InputError
 
 __all__ = [
+    "check_same_device",
+    "explain_non_finite",
     "fmt_shape",
     "get_box_targets",
     "get_tensor",
+    "integral_scalar",
+    "missing_key_error",
     "reads_are_free",
+    "real_scalar",
     "set_value_checks",
     "value_checks_enabled",
 ]
@@ -86,6 +92,50 @@ def fmt_shape(shape: torch.Size | tuple[int, ...]) -> str:
     return "(" + ", ".join(str(int(s)) for s in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
+def missing_key_error(
+    criterion: str, where: str, key: str, mapping: Mapping[Any, Any], expected: str | None = None
+) -> InputError:
+    """The error for ``where[key]`` missing from ``mapping``: it lists the keys that are there.
+
+    ``where`` is the path of the mapping (``"out"``, ``"target['gt'][3]"``); the message reads
+    ``out['pred']: missing; out has keys 'logits', 'aux'; expected: (B, C, H, W) logits``.
+    """
+    keys = ", ".join(repr(k) for k in mapping) or "none"
+    tail = f"; expected: {expected}" if expected else ""
+    return InputError(criterion, f"{where}[{key!r}]", f"missing; {where} has keys {keys}{tail}")
+
+
+def check_same_device(
+    criterion: str, reference: tuple[str, Tensor], *others: tuple[str, Tensor | None]
+) -> None:
+    """Raise :class:`InputError` naming both keys and devices when an input is not on the device of
+    ``reference`` (``("out['pred']", pred)``). Reads only attributes: no device sync."""
+    ref_name, ref = reference
+    for name, t in others:
+        if t is not None and t.device != ref.device:
+            raise InputError(
+                criterion,
+                name,
+                f"is on {t.device}, but {ref_name} is on {ref.device}; move both to the same device",
+            )
+
+
+def explain_non_finite(
+    criterion: str, named_tensors: Iterable[tuple[str, Tensor | None]]
+) -> InputError | None:
+    """The :class:`InputError` naming the first of ``named_tensors`` (``("out['pred']", pred)`` pairs)
+    that holds NaN or inf, or ``None`` when every one is finite (``None`` entries are skipped).
+
+    For a criterion whose loss came out non-finite, to name the input behind it:
+    ``raise explain_non_finite(name, [("out['pred']", pred), ...]) or InputError(name, key, why)``.
+    It reads values (a host sync on accelerators): call it only where value checks run.
+    """
+    for where, t in named_tensors:
+        if t is not None and not bool(torch.isfinite(t).all()):
+            return InputError(criterion, where, "contains non-finite values (NaN or inf)")
+    return None
+
+
 def get_tensor(
     mapping: Any,
     key: str,
@@ -102,8 +152,7 @@ def get_tensor(
             criterion, side, f"expected a mapping with key {key!r}, got {type(mapping).__name__}"
         )
     if key not in mapping:
-        keys = ", ".join(repr(k) for k in mapping) or "none"
-        raise InputError(criterion, where, f"missing; {side} has keys {keys}; expected: {expected}")
+        raise missing_key_error(criterion, side, key, mapping, expected)
     value = mapping[key]
     if not isinstance(value, Tensor):
         raise InputError(criterion, where, f"expected a tensor ({expected}), got {type(value).__name__}")
@@ -135,8 +184,7 @@ def get_box_targets(
         )
     where = f"target[{key!r}]"
     if key not in target:
-        keys = ", ".join(repr(k) for k in target) or "none"
-        raise InputError(criterion, where, f"missing; target has keys {keys}; expected: {expected}")
+        raise missing_key_error(criterion, "target", key, target, expected)
     items = target[key]
     if isinstance(items, (str, bytes, Mapping, Tensor)) or not isinstance(items, Sequence):
         raise InputError(criterion, where, f"expected {expected}, got {type(items).__name__}")
@@ -153,8 +201,7 @@ def get_box_targets(
             )
         for name in ("boxes", "labels"):
             if name not in item:
-                keys = ", ".join(repr(k) for k in item) or "none"
-                raise InputError(criterion, f"{at}[{name!r}]", f"missing; the dict has keys {keys}")
+                raise missing_key_error(criterion, at, name, item)
             if not isinstance(item[name], Tensor):
                 raise InputError(
                     criterion, f"{at}[{name!r}]", f"expected a tensor, got {type(item[name]).__name__}"
@@ -177,3 +224,38 @@ def get_box_targets(
         boxes_list.append(boxes)
         labels_list.append(labels)
     return boxes_list, labels_list
+
+
+def _integral_value(value: Any) -> int | None:
+    if isinstance(value, bool):  # numpy's bool is no numbers.Integral either
+        return None
+    if isinstance(value, Tensor):
+        if value.dim() != 0 or value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
+            return None
+        return int(value.item())  # a 0-d integer tensor (a read: free for the usual CPU tensor)
+    if isinstance(value, numbers.Integral):  # int, numpy integers
+        return int(value)
+    return None
+
+
+def integral_scalar(value: Any) -> int | None:
+    """``value`` as an ``int`` when it is an integral scalar (``int``, a numpy integer, a 0-d integer
+    tensor), else ``None``; ``bool`` is not an integer here."""
+    return _integral_value(value)
+
+
+def real_scalar(value: Any) -> float | None:
+    """``value`` as a ``float`` when it is a real scalar (``int``, ``float``, a numpy number, a 0-d
+    integer or floating tensor), else ``None``; ``bool`` and complex values are not."""
+    as_int = _integral_value(value)
+    if as_int is not None:
+        return float(as_int)
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, Tensor):
+        if value.dim() != 0 or not value.is_floating_point():
+            return None
+        return float(value.item())
+    if isinstance(value, numbers.Real):  # float, numpy floating
+        return float(value)
+    return None

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import Tensor, nn
 
-from losskit.config import load_config
+from losskit.checks import integral_scalar
+from losskit.config import load_config, unexpected_keyword_message
 from losskit.criterion import Criterion, LossTerms
-from losskit.errors import ConfigError, LosskitError
+from losskit.errors import ConfigError, LosskitError, Problem
 from losskit.registry import Registry
 
 __all__ = ["CompositeLoss", "LossResult", "build_losses"]
@@ -134,9 +135,12 @@ class CompositeLoss(nn.Module):
         return value
 
     def set_epoch(self, epoch: int) -> None:
-        """Pass the current epoch to every criterion."""
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        """Pass the current epoch (any integral scalar >= 0, as :meth:`Criterion.set_epoch`) to every
+        criterion."""
+        value = integral_scalar(epoch)
+        if value is None or value < 0:
             raise ConfigError(f"set_epoch expects an int >= 0, got {epoch!r}")
+        epoch = value
         for criterion in self.criteria.values():
             criterion.set_epoch(epoch)  # type: ignore[operator]
 
@@ -151,23 +155,33 @@ class CompositeLoss(nn.Module):
         return "\n".join(lines)
 
 
-def build_losses(config: Any, **runtime: Any) -> CompositeLoss:
+def build_losses(
+    config: Any,
+    *,
+    registry: Registry | None = None,
+    device: torch.device | str | None = None,
+    epoch: int | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    **unexpected: NoReturn,
+) -> CompositeLoss:
     """Build the weighted composite loss from a config.
 
     Args:
-        config: anything :func:`losskit.load_config` takes (path, YAML string, mapping, list).
-        **runtime: ``registry`` (a :class:`Registry` to look criteria up in), ``device`` (move the
-            composite there), ``epoch`` (initial ``set_epoch``); any other keyword is a field value given
-            to every criterion that declares that field (e.g. ``ignore_index=255``) and overrides the
-            config.
+        config: anything :func:`losskit.load_config` takes: a YAML path or string, or any mapping or
+            sequence (plain ``dict``/``list``, OmegaConf ``DictConfig``/``ListConfig``, a Hydra config).
+        registry: where criteria are looked up (default: the process-wide registry).
+        device: move the composite there.
+        epoch: the first ``set_epoch`` (later epochs: ``loss.set_epoch(epoch)``).
+        overrides: field values given to every criterion that declares the field, over the config's
+            values (e.g. ``{"ignore_index": 255}``); a key that no criterion declares is an error.
 
     Raises:
-        ConfigError: every problem in the config, with locations.
+        ConfigError: every problem in the config, with locations; also for a keyword argument that is
+            not one of the above, saying what to use instead.
     """
-    registry: Registry | None = runtime.pop("registry", None)
-    device = runtime.pop("device", None)
-    epoch = runtime.pop("epoch", None)
-    loaded = load_config(config, registry=registry, overrides=runtime)
+    if unexpected:
+        raise ConfigError([Problem("", unexpected_keyword_message(key)) for key in unexpected])
+    loaded = load_config(config, registry=registry, overrides=overrides)
     composite = CompositeLoss([(e.name, e.build(), e.weight) for e in loaded.entries])
     if device is not None:
         composite.to(torch.device(device))

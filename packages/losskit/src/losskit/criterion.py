@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 from torch import Tensor, nn
 
-from losskit.errors import ConfigError, Problem
+from losskit.checks import integral_scalar
+from losskit.errors import ConfigError, LosskitError, Problem
 from losskit.schema import validate_config
 
-__all__ = ["Criterion", "LossTerms"]
+__all__ = ["ConfigT", "Criterion", "LossTerms"]
+
+#: The config dataclass type of a criterion.
+ConfigT = TypeVar("ConfigT")
 
 
 class LossTerms(dict[str, Tensor]):
@@ -27,22 +31,37 @@ class LossTerms(dict[str, Tensor]):
         super().__init__(terms)
         self.diagnostics: dict[str, Tensor] = dict(diagnostics or {})
 
+    @property
     def total(self) -> Tensor:
-        """The sum of the terms (the criterion's loss)."""
+        """The sum of the terms (the criterion's loss), like :attr:`losskit.LossResult.total`."""
         values = list(self.values())
+        if not values:
+            raise LosskitError("LossTerms.total: there are no terms to sum")
         result = values[0]
         for v in values[1:]:
             result = result + v
         return result
 
 
-class Criterion(nn.Module):
+class Criterion(nn.Module, Generic[ConfigT]):
     """Base class of losskit criteria.
 
     Subclasses set:
 
     * ``name``: the registered name (``"focal_loss"``);
-    * ``Config``: a dataclass of fields made with :func:`losskit.schema.option`;
+    * ``Config``: a frozen dataclass of fields made with :func:`losskit.schema.option`, the one place
+      where the defaults live. Declare it at module level and attach it, so that the functional form
+      can read its defaults and the criterion is typed by it::
+
+          @dataclass(frozen=True)
+          class FocalLossConfig:
+              gamma: float = option(2.0, ge=0.0, doc="Focusing parameter.")
+
+          def focal_loss(pred, target, *, gamma: float = FocalLossConfig.gamma): ...
+
+          class FocalLoss(Criterion[FocalLossConfig]):
+              Config = FocalLossConfig
+
     * ``inputs`` / ``targets``: the expected ``out`` / ``target`` keys with a one-line description;
     * ``terms``: the fixed names of the terms returned (empty when ``forward`` returns one tensor);
     * ``diagnostics``: the fixed names of the diagnostics returned in :class:`LossTerms`.
@@ -60,13 +79,15 @@ class Criterion(nn.Module):
     terms: ClassVar[tuple[str, ...]] = ()
     diagnostics: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, config: Any | None = None, /, **fields: Any) -> None:
+    config: ConfigT
+
+    def __init__(self, config: ConfigT | None = None, /, **fields: Any) -> None:
         super().__init__()
         self.config = self.make_config(config, **fields)
         self.epoch = 0
 
     @classmethod
-    def make_config(cls, config: Any | None = None, /, **fields: Any) -> Any:
+    def make_config(cls, config: ConfigT | None = None, /, **fields: Any) -> ConfigT:
         """Validate ``fields`` (or a ready ``Config``) against the schema; raise :class:`ConfigError`."""
         if config is not None:
             if not isinstance(config, cls.Config):
@@ -93,10 +114,12 @@ class Criterion(nn.Module):
         return self.diagnostics
 
     def set_epoch(self, epoch: int) -> None:
-        """Tell the criterion the current training epoch (0-based)."""
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        """Tell the criterion the current training epoch (0-based): any integral scalar ``>= 0`` (an
+        ``int``, a numpy integer, a 0-d integer tensor), stored as an ``int``."""
+        value = integral_scalar(epoch)
+        if value is None or value < 0:
             raise ConfigError(f"{self.name}: set_epoch expects an int >= 0, got {epoch!r}")
-        self.epoch = epoch
+        self.epoch = value
 
     def example(
         self,

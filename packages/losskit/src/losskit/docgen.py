@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 
 from losskit.registry import CriterionInfo
-from losskit.schema import describe_fields
+from losskit.schema import FieldInfo, describe_fields
 
 __all__ = ["render_markdown", "render_text", "yaml_value"]
 
@@ -20,8 +20,27 @@ def yaml_value(value: Any) -> str:
         return "~"
     if isinstance(value, tuple):
         value = list(value)
-    text = yaml.safe_dump(value, default_flow_style=True, width=1000).strip()
+    text = yaml.safe_dump(value, default_flow_style=True, width=1000, sort_keys=False).strip()
     return text[: -len("...")].strip() if text.endswith("...") else text
+
+
+def _default_cell(f: FieldInfo) -> str:
+    """The default as shown in a table: a nested mapping points at its keys' rows."""
+    return "(the keys below)" if f.nested else yaml_value(f.default)
+
+
+def _yaml_lines(fields: list[FieldInfo], indent: str) -> list[str]:
+    """``key: default`` lines of the top-level fields; nested mappings in block style."""
+    lines = []
+    for f in fields:
+        if "." in f.name:
+            continue
+        if f.nested:
+            block = yaml.safe_dump({f.name: f.default}, default_flow_style=False, sort_keys=False)
+            lines += [indent + line for line in block.rstrip("\n").split("\n")]
+        else:
+            lines.append(f"{indent}{f.name}: {yaml_value(f.default)}")
+    return lines
 
 
 def _md_escape(text: str) -> str:
@@ -54,7 +73,7 @@ def render_markdown(info: CriterionInfo) -> str:
     )
     for f in fields:
         lines.append(
-            f"| `{f.name}` | {_md_escape(f.type)} | `{_md_escape(yaml_value(f.default))}` | "
+            f"| `{f.name}` | {_md_escape(f.type)} | `{_md_escape(_default_cell(f))}` | "
             f"{_md_escape(f.allowed) or 'any'} | {_md_escape(f.doc)} |"
         )
     lines += ["", "## Inputs", "", "| key | expected |", "|---|---|"]
@@ -80,8 +99,7 @@ def render_markdown(info: CriterionInfo) -> str:
         f"    - criterion: {info.name}",
         "      weight: ~",
     ]
-    for f in fields:
-        lines.append(f"      {f.name}: {yaml_value(f.default)}")
+    lines += _yaml_lines(fields, "      ")
     lines += ["```", ""]
     return "\n".join(lines)
 
@@ -97,7 +115,7 @@ def render_text(info: CriterionInfo) -> str:
     out += ["", "fields:"]
     rows = [("weight", "float", "~ (1.0)", ">= 0", "coefficient of this criterion in the weighted sum")]
     rows.append(("name", "str", info.name, "unique", "key the loss is logged under"))
-    rows += [(f.name, f.type, yaml_value(f.default), f.allowed or "any", f.doc) for f in fields]
+    rows += [(f.name, f.type, _default_cell(f), f.allowed or "any", f.doc) for f in fields]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
         out.append("  " + "  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4])

@@ -48,6 +48,7 @@ FIRST_PARTY: dict[str, str] = {
     "yolox_loss": "losskit-detection-yolox",
     "retinanet_loss": "losskit-detection-retinanet",
     "pidnet_loss": "losskit-segmentation-pidnet",
+    "detr_loss": "losskit-detection-detr",
     "yolov9_loss": "losskit-detection-yolov9",
 }
 

@@ -10,7 +10,20 @@ A criterion declares its fields as a dataclass whose fields are made with :func:
 
 The schema drives validation (of YAML configs and of keyword arguments alike), ``losskit describe``
 and the generated reference docs. Supported annotations: ``bool``, ``int``, ``float``, ``str``,
-``Literal[...]``, ``X | None``, ``tuple[X, ...]``, ``tuple[X, Y]`` and ``list[X]`` of scalars.
+``Literal[...]``, ``X | None``, ``tuple[X, ...]``, ``tuple[X, Y]`` and ``list[X]`` of scalars, and
+another config dataclass: a *nested* field, given in YAML as a mapping with fixed keys::
+
+    @dataclass(frozen=True)
+    class Costs:
+        cost_class: float = option(2.0, ge=0.0, doc="Weight of the class cost.")
+
+    @dataclass(frozen=True)
+    class Config:
+        weight_dict: Costs = option(Costs(), doc="Weights of the matching costs.")
+
+A nested mapping is validated recursively: its problems are reported with dotted paths
+(``weight_dict.cost_clas``, with a suggestion for an unknown key), and keys it leaves out take the
+field's default.
 """
 
 from __future__ import annotations
@@ -24,7 +37,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Union
 
-__all__ = ["FieldInfo", "describe_fields", "option", "suggest", "validate_config"]
+__all__ = ["FieldInfo", "describe_fields", "is_nested", "option", "suggest", "validate_config"]
 
 _META_KEY = "losskit"
 
@@ -77,6 +90,7 @@ class FieldInfo:
     default: Any
     allowed: str
     doc: str
+    nested: bool = False  # a mapping whose keys follow as rows named ``name.key``
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -86,6 +100,20 @@ def _hints(cls: type) -> dict[str, Any]:
 def _constraint(f: dataclasses.Field[Any]) -> _Constraint:
     meta = f.metadata.get(_META_KEY)
     return meta if isinstance(meta, _Constraint) else _Constraint(doc="")
+
+
+def is_nested(tp: Any) -> bool:
+    """Whether an annotation is a nested config (a dataclass), given in YAML as a mapping."""
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _plain(value: Any) -> Any:
+    """A default as plain data: nested configs as dicts (in field order), tuples as lists."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _is_union(tp: Any) -> bool:
@@ -163,16 +191,27 @@ def _allowed(tp: Any, c: _Constraint) -> str:
     return _range_text(c, sequence=typing.get_origin(tp) in (list, tuple))
 
 
-def describe_fields(cls: type) -> list[FieldInfo]:
-    """The fields of a config dataclass: name, type, default, allowed values, doc."""
+def describe_fields(cls: type, *, prefix: str = "", defaults: Any = None) -> list[FieldInfo]:
+    """The fields of a config dataclass: name, type, default, allowed values, doc.
+
+    A nested field gives a row of type ``mapping`` (``nested=True``, its default as a dict), followed by
+    one row per key, named ``field.key`` (recursively), whose defaults are those of the field's default.
+    """
     hints = _hints(cls)
     out = []
     for f in dataclasses.fields(cls):
         c = _constraint(f)
-        default = f.default if f.default is not dataclasses.MISSING else None
-        if isinstance(default, tuple):
-            default = list(default)
-        out.append(FieldInfo(f.name, _type_name(hints[f.name]), default, _allowed(hints[f.name], c), c.doc))
+        value = getattr(defaults, f.name) if defaults is not None else f.default
+        default = _plain(value) if value is not dataclasses.MISSING else None
+        tp = hints[f.name]
+        name = f"{prefix}{f.name}"
+        if is_nested(tp):
+            keys = ", ".join(g.name for g in dataclasses.fields(tp))
+            out.append(FieldInfo(name, "mapping", default, f"keys {keys}", c.doc, nested=True))
+            inner = value if isinstance(value, tp) else None
+            out += describe_fields(tp, prefix=f"{name}.", defaults=inner)
+            continue
+        out.append(FieldInfo(name, _type_name(tp), default, _allowed(tp, c), c.doc))
     return out
 
 
@@ -334,6 +373,18 @@ def validate_config(
     Each problem is passed to ``report(field, message)``; ``field`` is the field name ('' for the
     whole entry). Returns the config instance, or None when any problem was reported.
     """
+    return _validate(cls, values, report=report, default=None, word="field")
+
+
+def _validate(
+    cls: type,
+    values: Mapping[str, Any],
+    *,
+    report: Callable[[str, str], None],
+    default: Any,
+    word: str,
+) -> Any:
+    """:func:`validate_config` of ``cls``, starting from ``default`` (an instance) when given."""
     hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     ok = True
@@ -343,23 +394,58 @@ def validate_config(
             close = suggest(key, fields) if isinstance(key, str) else None
             hint = f"; did you mean {close!r}?" if close else ""
             valid = ", ".join(fields) or "(none)"
-            report(str(key), f"unknown field {key!r}{hint} (valid fields: {valid})")
+            report(str(key), f"unknown {word} {key!r}{hint} (valid {word}s: {valid})")
             ok = False
             continue
+        tp = hints[key]
+        if is_nested(tp):
+            nested = _validate_nested(tp, value, fields[key], key, report)
+            if nested is None:
+                ok = False
+            else:
+                clean[key] = nested
+            continue
         try:
-            clean[key] = _coerce(value, hints[key], _constraint(fields[key]))
+            clean[key] = _coerce(value, tp, _constraint(fields[key]))
         except _Invalid as e:
             report(key, e.message)
             ok = False
     if not ok:
         return None
-    instance = cls(**clean)
+    instance = dataclasses.replace(default, **clean) if default is not None else cls(**clean)
     check = getattr(instance, "validate", None)
     if callable(check):
         for field_name, message in check():
             report(field_name, message)
             ok = False
     return instance if ok else None
+
+
+def _validate_nested(
+    tp: type,
+    value: Any,
+    field: dataclasses.Field[Any],
+    key: str,
+    report: Callable[[str, str], None],
+) -> Any:
+    """A nested config from a mapping (or an instance of ``tp``); problems reported as ``key.sub``."""
+    if isinstance(value, tp):
+        value = _plain_mapping(value)
+    if not isinstance(value, Mapping):
+        keys = ", ".join(f.name for f in dataclasses.fields(tp))
+        report(key, f"expected a mapping with keys {keys}, got {_given(value)}")
+        return None
+
+    def nested_report(sub: str, message: str) -> None:
+        report(f"{key}.{sub}" if sub else key, message)
+
+    default = field.default if isinstance(field.default, tp) else None
+    return _validate(tp, value, report=nested_report, default=default, word="key")
+
+
+def _plain_mapping(value: Any) -> dict[str, Any]:
+    """The fields of a config instance as a mapping (nested configs stay instances)."""
+    return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
 
 
 def field_names(cls: type) -> Sequence[str]:

@@ -1,28 +1,44 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Test utilities for criteria: run a function on several ``torch.distributed`` ranks (gloo, CPU).
+"""Test utilities for criteria, used by losskit's own tests and usable by plugin authors.
 
-Used by losskit's own data-parallel tests and usable by plugin authors::
+* :func:`run_on_ranks` runs a function on several ``torch.distributed`` ranks (gloo, CPU)::
 
-    results = run_on_ranks(my_fn, world_size=2, args=(batch,))   # my_fn(rank, world_size, *args)
+      results = run_on_ranks(my_fn, world_size=2, args=(batch,))   # my_fn(rank, world_size, *args)
 
-``my_fn`` must be a module-level (picklable) function. Processes talk over loopback only, and the run is
-bounded by ``timeout``.
+  ``my_fn`` must be a module-level (picklable) function. Processes talk over loopback only, and the run
+  is bounded by ``timeout``.
+* :func:`no_host_sync` fails a CUDA block that synchronises with the host.
+* :func:`assert_defaults_match` checks that a functional form takes its defaults from the config.
+* :func:`check_robustness` runs a criterion's ``example()`` through the robustness matrix (missing
+  keys, dtypes, ranks, an empty batch, degenerate boxes, out-of-range labels, NaN/inf, layouts, another
+  device, two threads), with value checks on and off; every plugin's tests call it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import inspect
 import os
 import socket
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-__all__ = ["run_on_ranks"]
+from losskit._robustness import RobustnessReport, check_robustness
+
+__all__ = [
+    "RobustnessReport",
+    "assert_defaults_match",
+    "check_robustness",
+    "no_host_sync",
+    "run_on_ranks",
+]
 
 
 def _free_port() -> int:
@@ -84,3 +100,38 @@ def run_on_ranks(
         return [
             torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)
         ]
+
+
+@contextlib.contextmanager
+def no_host_sync() -> Iterator[None]:
+    """Within the block, any CUDA host-device synchronisation raises (``set_sync_debug_mode("error")``).
+
+    The mode is restored on exit, also when the block raises. Meant for CUDA tests of a criterion's
+    forward and backward; on a machine without CUDA it only runs the block.
+    """
+    if not torch.cuda.is_available():
+        yield
+        return
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
+def assert_defaults_match(fn: Callable[..., Any], config: type[Any]) -> None:
+    """Assert that every parameter of ``fn`` named like a field of the ``config`` dataclass has that
+    field's default (the config is the single source of defaults), and that at least one does."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    shared = [p for p in inspect.signature(fn).parameters.values() if p.name in defaults]
+    if not shared:
+        raise AssertionError(f"{fn.__name__} has no parameter named like a field of {config.__name__}")
+    wrong = [
+        f"{p.name}: {p.default!r} != {defaults[p.name]!r}"
+        for p in shared
+        if p.default is inspect.Parameter.empty or p.default != defaults[p.name]
+    ]
+    if wrong:
+        raise AssertionError(f"{fn.__name__} defaults differ from {config.__name__}: " + "; ".join(wrong))

@@ -12,7 +12,6 @@ so applying ``R`` (or its transpose) band by band is a handful of small dense pr
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from typing import Any
@@ -22,7 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["Workspace", "add_band", "autocast_off", "band_budget", "band_plan", "interp_matrix", "resize2d"]
+from losskit.tensors import autocast_off
+
+__all__ = ["Workspace", "add_band", "band_budget", "band_plan", "interp_matrix", "resize2d"]
 
 #: Elements of one band's buffer: 4 MiB of fp32 on CPU (cache-sized: measured best among 2**18 .. 2**23
 #: on the benchmark case); larger on accelerators, where each band costs kernel launches.
@@ -35,14 +36,6 @@ _COLUMN_BAND = 256
 def band_budget(device: torch.device) -> int:
     """How many elements one band's buffer may hold on ``device``."""
     return _BAND_ELEMENTS.get(device.type, _BAND_ELEMENTS_DEFAULT)
-
-
-def autocast_off(device_type: str) -> contextlib.AbstractContextManager[Any]:
-    """A context that disables autocast for ``device_type`` (a no-op where autocast is unknown)."""
-    try:
-        return torch.autocast(device_type=device_type, enabled=False)
-    except (RuntimeError, ValueError):  # pragma: no cover - device types without autocast support
-        return contextlib.nullcontext()
 
 
 @functools.lru_cache(maxsize=64)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from losskit_classification._focal_kernels import NUM_BUFFERS, focal_grad_elements, focal_terms
+from losskit_ops._focal_kernels import NUM_BUFFERS, focal_grad_elements, focal_terms
 
 __all__ = ["FocalDense", "FocalIndexed", "chunk_elements", "compute_dtype"]
 

@@ -28,10 +28,10 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from losskit_segmentation_pidnet._resize import (
+from losskit.tensors import autocast_off
+from losskit_ops._resize import (
     Workspace,
     add_band,
-    autocast_off,
     band_budget,
     band_plan,
     interp_matrix,
@@ -149,7 +149,7 @@ def upsampled_nll(
     images, rows = _blocks(batch, channels * out_w, budget)
     plan = band_plan(in_h, out_h, align_corners, rows)
     weights = interp_matrix(in_h, out_h, align_corners, logits.dtype, logits.device)
-    with autocast_off(logits.device.type):
+    with autocast_off(logits.device):
         wide = resize2d(logits, (in_h, out_w), align_corners=align_corners, band_elements=band_elements)
         result: Tensor = _UpsampledNLL.apply(wide, labels, valid, weights, plan, images)
     return result
