@@ -7,11 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-import torchvision
 from yolov9_cases import case, peak_memory
 
 from losskit_detection_yolov9 import YOLOv9Loss, yolov9_assign, yolov9_loss
-from losskit_detection_yolov9._iou import BoxParts, box_parts, pairwise_ciou_, yolo_box_iou
 from losskit_detection_yolov9.yolov9 import _Head, softplus_sum
 
 
@@ -108,29 +106,6 @@ def test_head_function_gradcheck_float64() -> None:
         return _Head.apply(index, labels, 12, torch.float64, *ls)
 
     assert torch.autograd.gradcheck(fn, tuple(levels))
-
-
-def test_yolo_ciou_against_torchvision_and_on_zero_height() -> None:
-    gen = torch.Generator().manual_seed(2)
-    xy = torch.rand(40, 2, generator=gen) * 50
-    b1 = torch.cat((xy, xy + torch.rand(40, 2, generator=gen) * 30 + 1), 1).double()
-    xy = torch.rand(30, 2, generator=gen) * 50
-    b2 = torch.cat((xy, xy + torch.rand(30, 2, generator=gen) * 30 + 1), 1).double()
-    ours = yolo_box_iou(b1[:, None], b2[None])
-    # torchvision's CIoU puts no eps in the aspect term: equal up to the eps placement
-    torch.testing.assert_close(ours, torchvision.ops.complete_box_iou(b1, b2, eps=1e-7), rtol=0, atol=1e-6)
-    torch.testing.assert_close(
-        yolo_box_iou(b1[:, None], b2[None], complete=False), torchvision.ops.box_iou(b1, b2)
-    )
-    flat = torch.tensor([[0.0, 5.0, 10.0, 5.0], [3.0, 3.0, 3.0, 3.0]])
-    assert torch.isfinite(yolo_box_iou(flat[:, None], b2[None].float())).all()
-    assert torch.isnan(torchvision.ops.complete_box_iou(flat, b2.float())).any()
-    # the in-place matcher variant gives the same bits
-    a = box_parts(*(b1.float()[:, i : i + 1] for i in range(4)))
-    pairs = torch.stack(box_parts(*b2.float().T), 0)[:, None].expand(8, 40, 30).clone()
-    assert torch.equal(
-        pairwise_ciou_(a, BoxParts(*pairs.unbind(0))), yolo_box_iou(b1.float()[:, None], b2.float()[None])
-    )
 
 
 def test_public_assignment() -> None:

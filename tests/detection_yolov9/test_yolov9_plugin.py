@@ -3,9 +3,7 @@
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.metadata as md
-import inspect
 import time
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import torch
 
 import losskit
 from losskit.schema import describe_fields
+from losskit.testing import assert_defaults_match
 from losskit_detection_yolov9 import YOLOv9Loss, YOLOv9LossConfig, yolov9_assign, yolov9_loss
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "detection-yolov9.yaml"
@@ -57,11 +56,8 @@ def test_defaults_are_netspresso_constants_and_live_in_the_config() -> None:
     assert c.normalize_across_ranks is False and c.l1_activate_epoch is None
     fields = describe_fields(YOLOv9LossConfig)
     assert all(f.doc for f in fields)
-    names = {f.name: f.default for f in dataclasses.fields(YOLOv9LossConfig)}
-    for fn in (yolov9_loss, yolov9_assign):  # the functional defaults are the config's
-        for p in inspect.signature(fn).parameters.values():
-            if p.kind is p.KEYWORD_ONLY:
-                assert p.default == names[p.name], (fn.__name__, p.name)
+    assert_defaults_match(yolov9_loss, YOLOv9LossConfig)
+    assert_defaults_match(yolov9_assign, YOLOv9LossConfig)
 
 
 def test_example_is_small_valid_and_seeded() -> None:

@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from losskit_detection_yolov9._iou import BoxParts, box_parts, pairwise_ciou_
+from losskit_ops import YoloBoxParts, yolo_box_parts, yolo_pairwise_ciou_
 
 __all__ = ["AnchorGrid", "Assignment", "GroundTruths", "Match", "decode_levels", "match"]
 
@@ -155,7 +155,7 @@ def _class_logits(levels: Sequence[Tensor], image: Tensor, channel: Tensor) -> T
 def _scores(
     levels: Sequence[Tensor],
     grid: AnchorGrid,
-    pred: BoxParts,
+    pred: YoloBoxParts,
     gts: GroundTruths,
     rows: slice,
     *,
@@ -170,7 +170,9 @@ def _scores(
     valid = gts.valid[rows, None]
     x1, y1, x2, y2 = (box[:, i : i + 1] for i in range(4))
     # in-place arithmetic throughout: few (g, A) buffers (allocation dominates on CPU otherwise)
-    iou = pairwise_ciou_(box_parts(x1, y1, x2, y2), BoxParts(*(t.index_select(0, image) for t in pred)))
+    iou = yolo_pairwise_ciou_(
+        yolo_box_parts(x1, y1, x2, y2), YoloBoxParts(*(t.index_select(0, image) for t in pred))
+    )
     iou.clamp_(0, 1).mul_(valid)
     score = torch.pow(iou, iou_factor)
     score.mul_(_class_logits(levels, image, gts.labels[rows] + 4 * reg_max).sigmoid_().pow_(cls_factor))
@@ -228,7 +230,7 @@ def match(
             torch.full((b, a), -1, dtype=torch.int64, device=device), torch.zeros(b, a, device=device)
         )
     boxes = decode_levels(levels, grid, reg_max)
-    pred = box_parts(*boxes.unbind(1))  # the BoxParts (B, A) of every anchor
+    pred = yolo_box_parts(*boxes.unbind(1))  # the BoxParts (B, A) of every anchor
     iou = torch.empty(g, a, device=device)
     score = torch.empty(g, a, device=device)
     inside = torch.empty(g, a, dtype=torch.bool, device=device)

@@ -10,7 +10,6 @@ NetsPresso Trainer 1.4.1 ``losses/detection/yolov9.py``; the revised matcher of 
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -18,10 +17,12 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.compiler import is_compiling
 
 from losskit import ConfigError, Criterion, InputError, LossTerms, option
 from losskit.checks import fmt_shape, get_box_targets, value_checks_enabled
 from losskit.dist import global_mean, is_distributed
+from losskit.tensors import autocast_off, graph_zero
 from losskit_detection_yolov9._assign import (
     REACH_MARGIN,
     AnchorGrid,
@@ -32,15 +33,7 @@ from losskit_detection_yolov9._assign import (
     decode_distances,
     match,
 )
-from losskit_detection_yolov9._iou import yolo_box_iou
-
-try:
-    from torch.compiler import is_compiling as _is_compiling
-except ImportError:  # torch < 2.3
-
-    def _is_compiling() -> bool:
-        return False
-
+from losskit_ops import yolo_box_iou
 
 __all__ = ["YOLOv9Loss", "YOLOv9LossConfig", "softplus_sum", "yolov9_assign", "yolov9_loss"]
 
@@ -388,7 +381,7 @@ class _Head(torch.autograd.Function):
             grad = torch.empty(b, ch, size, dtype=ctx.dtype, device=index.device)
             grad[:, :split] = 0.0
             if g_total is not None:
-                if _is_compiling():  # dynamo takes no strided out=
+                if is_compiling():  # dynamo takes no strided out=
                     grad[:, split:].copy_(flat[:, split:]).sigmoid_().mul_(g_total)
                 else:
                     torch.sigmoid(flat[:, split:], out=grad[:, split:]).mul_(g_total)
@@ -407,14 +400,6 @@ class _Head(torch.autograd.Function):
             grads.append(grad.view(p.shape).to(p.dtype))
             start += size
         return tuple(grads)
-
-
-def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """Autocast off (float32 math inside, whatever the caller's autocast region)."""
-    try:
-        return torch.autocast(device.type, enabled=False)
-    except RuntimeError:  # a device type without autocast support (e.g. meta)
-        return contextlib.nullcontext()
 
 
 @dataclass(frozen=True)
@@ -480,7 +465,7 @@ def _branch_terms(batch: _Batch, w: _Weights) -> tuple[dict[str, Tensor], Tensor
     softplus_sum, reg, x_label = _Head.apply(slots, label, 4 * r, dtype, *levels)
     norm = cls_norm.to(dtype)
     if f == 0:  # no ground truth in the batch: the class term alone, graph intact
-        zero = reg.sum() * 0.0
+        zero = graph_zero(reg, softplus_sum)
         return {"cls": w.cls_weight * (softplus_sum / norm), "iou": zero, "dfl": zero}, num_fg, cls_norm
     fg_slot = fg.gather(1, slots)
     t = found.scores.gather(1, slots).to(dtype)  # 0 on background slots
@@ -503,7 +488,7 @@ def _branch_terms(batch: _Batch, w: _Weights) -> tuple[dict[str, Tensor], Tensor
 
 
 def _loss(main: _Batch, aux: _Batch | None, w: _Weights, aux_weight: float) -> LossTerms:
-    with _no_autocast(main.levels[0].device):
+    with autocast_off(main.levels[0].device):
         terms, num_fg, cls_norm = _branch_terms(main, w)
         invalid = (~main.gts.valid).sum().to(torch.float32)
         diagnostics = {
@@ -607,7 +592,7 @@ def yolov9_assign(
     main, _ = _prepare(
         {"pred": pred}, {"gt": gt, "img_size": img_size}, reg_max=reg_max, num_classes=num_classes, aux=False
     )
-    with _no_autocast(main.levels[0].device):
+    with autocast_off(main.levels[0].device):
         found = match(
             main.levels,
             main.grid,
@@ -621,7 +606,7 @@ def yolov9_assign(
     return found.to_assignment(main.gts)
 
 
-class YOLOv9Loss(Criterion):
+class YOLOv9Loss(Criterion[YOLOv9LossConfig]):
     """YOLOv9 loss (NetsPresso Trainer / YOLO): task-aligned assignment, then BCE, CIoU and DFL terms.
 
     Batched over images and ground truths. The assignment scores every (ground truth, anchor) pair
@@ -692,7 +677,7 @@ class YOLOv9Loss(Criterion):
             targets ``one_hot(labels) * scores``); anchors level by level, row-major.
         """
         main, _ = self._prepare(out, target, False)
-        with _no_autocast(main.levels[0].device):
+        with autocast_off(main.levels[0].device):
             found = _match(main, self._weights())
         return found.to_assignment(main.gts)
 

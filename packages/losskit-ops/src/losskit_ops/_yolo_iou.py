@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""IoU and complete IoU of xyxy boxes with YOLO's ``eps`` convention.
+"""IoU and complete IoU of xyxy boxes with YOLO's ``eps`` convention (``losskit_ops.boxes`` has
+torchvision's).
 
 MultimediaTechLab/YOLO (and NetsPresso Trainer, which ports it) add ``eps`` to the union, to the
 squared diagonal of the enclosing box, to each height inside the aspect-ratio ``atan`` and to the
@@ -13,19 +14,20 @@ Reference: Zheng et al., "Distance-IoU Loss", AAAI 2020, arXiv:1911.08287.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["BoxParts", "box_parts", "pairwise_ciou_", "yolo_box_iou", "yolo_iou_of_parts"]
+__all__ = ["YoloBoxParts", "yolo_box_iou", "yolo_box_parts", "yolo_iou_of_parts", "yolo_pairwise_ciou_"]
 
+YoloIoUKind = Literal["iou", "ciou"]
 #: YOLO's constant.
 YOLO_IOU_EPS = 1e-7
 _V_SCALE = 4 / (math.pi**2)
 
 
-class BoxParts(NamedTuple):
+class YoloBoxParts(NamedTuple):
     """Per-box quantities of xyxy boxes that the pairwise (C)IoU needs, computed once per box."""
 
     x1: Tensor
@@ -38,21 +40,23 @@ class BoxParts(NamedTuple):
     angle: Tensor  # atan(w / (h + eps))
 
 
-def box_parts(x1: Tensor, y1: Tensor, x2: Tensor, y2: Tensor, *, eps: float = YOLO_IOU_EPS) -> BoxParts:
-    """The :class:`BoxParts` of boxes given by their four coordinate tensors (any equal shapes)."""
+def yolo_box_parts(
+    x1: Tensor, y1: Tensor, x2: Tensor, y2: Tensor, *, eps: float = YOLO_IOU_EPS
+) -> YoloBoxParts:
+    """The :class:`YoloBoxParts` of boxes given by their four coordinate tensors (any equal shapes)."""
     w, h = x2 - x1, y2 - y1
-    return BoxParts(x1, y1, x2, y2, w * h, (x2 + x1) / 2, (y2 + y1) / 2, torch.atan(w / (h + eps)))
+    return YoloBoxParts(x1, y1, x2, y2, w * h, (x2 + x1) / 2, (y2 + y1) / 2, torch.atan(w / (h + eps)))
 
 
 def yolo_iou_of_parts(
-    a: BoxParts, b: BoxParts, *, complete: bool = True, eps: float = YOLO_IOU_EPS
+    a: YoloBoxParts, b: YoloBoxParts, *, kind: YoloIoUKind = "ciou", eps: float = YOLO_IOU_EPS
 ) -> Tensor:
-    """(C)IoU of two broadcastable sets of boxes given as :class:`BoxParts`; see :func:`yolo_box_iou`."""
+    """IoU or CIoU of two broadcastable sets of boxes given as :class:`YoloBoxParts`; see :func:`yolo_box_iou`."""
     inter_w = (torch.minimum(a.x2, b.x2) - torch.maximum(a.x1, b.x1)).clamp(min=0)
     inter_h = (torch.minimum(a.y2, b.y2) - torch.maximum(a.y1, b.y1)).clamp(min=0)
     inter = inter_w * inter_h
     iou = inter / (a.area + b.area - inter + eps)
-    if not complete:
+    if kind == "iou":
         return iou
     cent = (a.cx - b.cx).square() + (a.cy - b.cy).square()
     cw = torch.maximum(a.x2, b.x2) - torch.minimum(a.x1, b.x1)
@@ -64,13 +68,13 @@ def yolo_iou_of_parts(
     return iou - cent / diag - alpha * v
 
 
-def yolo_box_iou(b1: Tensor, b2: Tensor, *, complete: bool = True, eps: float = YOLO_IOU_EPS) -> Tensor:
-    """IoU (``complete=False``) or CIoU of ``b1`` and ``b2``, broadcast over the leading dims.
+def yolo_box_iou(b1: Tensor, b2: Tensor, *, kind: YoloIoUKind = "ciou", eps: float = YOLO_IOU_EPS) -> Tensor:
+    """IoU or CIoU of ``b1`` and ``b2`` with YOLO's ``eps`` placement, broadcast over the leading dims.
 
     Args:
         b1: ``(..., 4)`` boxes ``(x1, y1, x2, y2)``.
         b2: ``(..., 4)`` boxes, broadcastable with ``b1`` (``b1[:, None], b2[None]`` for all pairs).
-        complete: return CIoU ``IoU - d^2 / c^2 - alpha v`` instead of the IoU.
+        kind: ``"ciou"`` (``IoU - d^2 / (c^2 + eps) - alpha v``) or ``"iou"``.
         eps: added to the union, to ``c^2``, to the heights in ``atan(w / h)`` and to ``alpha``'s
             denominator.
 
@@ -78,13 +82,15 @@ def yolo_box_iou(b1: Tensor, b2: Tensor, *, complete: bool = True, eps: float = 
         ``(...)`` values in the dtype of the inputs; CIoU lies in ``[-1.5, 1]``. Per-box quantities
         (areas, centres, aspect angles) are computed before broadcasting.
     """
+    if kind not in ("iou", "ciou"):
+        raise ValueError(f"yolo_box_iou: kind must be 'iou' or 'ciou', got {kind!r}")
     return yolo_iou_of_parts(
-        box_parts(*b1.unbind(-1), eps=eps), box_parts(*b2.unbind(-1), eps=eps), complete=complete, eps=eps
+        yolo_box_parts(*b1.unbind(-1), eps=eps), yolo_box_parts(*b2.unbind(-1), eps=eps), kind=kind, eps=eps
     )
 
 
 @torch.no_grad()
-def pairwise_ciou_(a: BoxParts, b: BoxParts, eps: float = YOLO_IOU_EPS) -> Tensor:
+def yolo_pairwise_ciou_(a: YoloBoxParts, b: YoloBoxParts, eps: float = YOLO_IOU_EPS) -> Tensor:
     """:func:`yolo_iou_of_parts` (CIoU, same operations in the same order, so the same values) without
     gradient, computed in place: ``b``'s tensors, of the output's shape, are overwritten as scratch.
 
