@@ -4,7 +4,8 @@
 Helper modules. A test folder keeps the code its tests share in ``<prefix>_cases.py`` (batches,
 workers for the data-parallel tests, small utilities) and, when it has one, an independent
 re-implementation of the reference in ``<prefix>_reference.py``; ``<prefix>`` is the one its test files
-use (``test_yolox_*.py`` → ``yolox_cases.py``), so the names are unique across folders. Tests import
+use (``test_yolox_*.py`` → ``yolox_cases.py``; a folder may hold several criteria, each with its own
+prefix), so the names are unique across folders. Tests import
 them by name (``from yolox_cases import make_batch``), never through ``sys.path.insert``: pytest runs
 with ``--import-mode=importlib``, which puts nothing on ``sys.path``, so every test folder is put there
 once, here. The processes that ``losskit.testing.run_on_ranks`` spawns receive this ``sys.path`` too.

@@ -31,7 +31,10 @@ def test_ddp_gradients_equal_single_process_on_whole_batch():
         r0, r1 = per_rank[0][i], per_rank[1][i]
         # same keys (terms, diagnostics) on both ranks whatever their batch holds
         assert (
-            r0[3] == r1[3] == single[3] == (("classification", "bbox_regression"), ("num_fg", "num_ignored"))
+            r0[3]
+            == r1[3]
+            == single[3]
+            == (("classification", "bbox_regression"), ("num_fg", "num_ignored", "invalid_targets"))
         )
         # DDP averaging leaves the same gradient on both ranks
         assert torch.equal(r0[1], r1[1]) and torch.equal(r0[2], r1[2])

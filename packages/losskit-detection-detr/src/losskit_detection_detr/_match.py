@@ -83,8 +83,8 @@ def pair_cost(
     index = gt_labels[:, None, :].expand(k, q, n)
     if use_focal_loss:
         p = logits.sigmoid().gather(2, index)
-        pos = alpha * (1 - p).pow(gamma) * (-(p + eps).log())
-        neg = (1 - alpha) * p.pow(gamma) * (-(1 - p + eps).log())
+        pos = alpha * (1.0 - p).pow(gamma) * (-(p + eps).log())
+        neg = (1.0 - alpha) * p.pow(gamma) * (-(1.0 - p + eps).log())
         cls = pos - neg
     else:
         cls = -logits.softmax(-1).gather(2, index)
@@ -116,18 +116,34 @@ def _solve(packed: np.ndarray) -> np.ndarray:
     return result
 
 
+def _hungarian(packed: Tensor) -> Tensor:
+    host = packed.detach().to("cpu", torch.float64 if packed.dtype == torch.float64 else torch.float32)
+    result = torch.from_numpy(_solve(host.numpy()))
+    if packed.device.type == "cuda":  # pinned: the copy back does not block the host again
+        return result.pin_memory().to(packed.device, non_blocking=True)
+    return result.to(packed.device)
+
+
 @torch.library.custom_op("losskit_detection_detr::hungarian", mutates_args=())
+def _hungarian_op(packed: Tensor) -> Tensor:
+    return _hungarian(packed)
+
+
+@_hungarian_op.register_fake
+def _(packed: Tensor) -> Tensor:
+    s, b, _, n = packed.shape
+    return packed.new_empty((s, b, n), dtype=torch.int64)
+
+
 def hungarian(packed: Tensor) -> Tensor:
     """Matched query of each gt ``(S, B, N)`` int64 (``-1``: unmatched or invalid gt).
 
     ``packed`` is ``(S, B, Q + 1, N)``: the costs of S output sets, and in row ``Q`` a 1 for each valid
     gt column (0 for padding and for gts left out of matching). It is read back to the host once.
+    Eager code calls the solver directly; while ``torch.compile`` traces, it goes through the custom op
+    ``losskit_detection_detr::hungarian`` (opaque to tracing, static output shape), whose dispatch would
+    only add overhead eagerly.
     """
-    host = packed.detach().to("cpu", torch.float64 if packed.dtype == torch.float64 else torch.float32)
-    return torch.from_numpy(_solve(host.numpy())).to(packed.device)
-
-
-@hungarian.register_fake
-def _(packed: Tensor) -> Tensor:
-    s, b, _, n = packed.shape
-    return packed.new_empty((s, b, n), dtype=torch.int64)
+    if torch.compiler.is_compiling():
+        return _hungarian_op(packed)
+    return _hungarian(packed)

@@ -145,7 +145,7 @@ class _Outputs:
 
 @dataclass(frozen=True)
 class _Gts:
-    boxes: Tensor  # (B, N, 4) normalised (cx, cy, w, h); invalid and padded rows hold a unit box
+    boxes: Tensor  # (B, N, 4) normalised (cx, cy, w, h); invalid and padded rows hold a centred box
     labels: Tensor  # (B, N) int64; invalid and padded rows hold 0
     valid: Tensor  # (B, N) bool
     counts: tuple[int, ...]
@@ -341,7 +341,6 @@ def _gts(target: Mapping[str, Any], batch: int, c: int, img: tuple[float, float]
     counts = tuple(int(b.shape[0]) for b in boxes_list)
     n = max(counts, default=0)
     h, w = img
-    scale = torch.tensor([w, h, w, h], dtype=torch.float32).to(device)
     if n == 0:
         empty = torch.zeros(batch, 0, dtype=torch.bool, device=device)
         return _Gts(
@@ -362,10 +361,11 @@ def _gts(target: Mapping[str, Any], batch: int, c: int, img: tuple[float, float]
         & (labels >= 0)
         & (labels < c)
     )
-    unit = torch.tensor([0.5, 0.5, 1.0, 1.0], device=device)
-    norm = boxes / scale  # a new tensor: the caller's boxes are never touched
-    cxcywh = torch.cat(((norm[..., :2] + norm[..., 2:]) / 2, norm[..., 2:] - norm[..., :2]), dim=-1)
-    safe = torch.where(ok[..., None], cxcywh, unit)
+    # normalised (cx, cy, w, h) in a new tensor (the caller's boxes are never touched); Python scalars,
+    # so no host-to-device copy
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    cxcywh = torch.stack(((x1 + x2) / (2 * w), (y1 + y2) / (2 * h), (x2 - x1) / w, (y2 - y1) / h), dim=-1)
+    safe = torch.where(ok[..., None], cxcywh, 0.5)  # a centred box (0.5, 0.5, 0.5, 0.5) where invalid
     return _Gts(
         safe,
         torch.where(ok, labels, 0),
@@ -531,13 +531,13 @@ def _sums(
     iou, giou = iou_giou(xyxy(pred_boxes), xyxy(gt_boxes))
     if "boxes" in losses:
         out["bbox"] = torch.where(ok[..., None], (pred_boxes - gt_boxes).abs(), 0.0).sum((1, 2, 3))
-        out["giou"] = torch.where(ok, 1 - giou, 0.0).sum((1, 2))
+        out["giou"] = torch.where(ok, 1.0 - giou, 0.0).sum((1, 2))
     if "vfl" in losses:
         slot = torch.where(ok, query * c + labels, q * c)  # unmatched lanes write to a spare slot
         hit = x.new_zeros(k, b, q * c + 1).scatter_(2, slot, ok.to(work))[..., : q * c].view(k, b, q, c)
         score = torch.where(ok, iou.detach(), 0.0)
         t = x.new_zeros(k, b, q * c + 1).scatter_(2, slot, score)[..., : q * c].view(k, b, q, c)
-        weight = alpha * x.detach().sigmoid().pow(gamma) * (1 - hit) + t
+        weight = alpha * x.detach().sigmoid().pow(gamma) * (1.0 - hit) + t
         out["vfl"] = F.binary_cross_entropy_with_logits(x, t, weight=weight, reduction="none").sum((1, 2, 3))
     if "focal" in losses:
         # the class of each query: its matched gt's, or -1 (an all-zero one-hot row)
@@ -568,7 +568,7 @@ def _loss_of_batch(batch: _Batch, cfg: DetrLossConfig) -> LossTerms:
     device = gts.valid.device
     num_gt = gts.valid.sum().to(_COUNT)
     num_boxes = global_mean(num_gt, enabled=cfg.normalize_across_ranks, min=1.0)
-    zero = graph_zero(*batch.main.leaves)
+    zero = graph_zero(*batch.main.leaves).to(batch.work)  # float32 (float64 for float64 inputs)
     terms: dict[str, Tensor] = {}
 
     def add(prefix: str, sums: dict[str, Tensor] | None, norm: Tensor) -> None:
@@ -577,9 +577,9 @@ def _loss_of_batch(batch: _Batch, cfg: DetrLossConfig) -> LossTerms:
                 if sums is None:
                     terms[prefix + name] = zero
                     continue
-                value = sums[name].sum().to(torch.float32)
+                value = sums[name].sum()
                 if name != "labels":
-                    value = value / norm
+                    value = value / norm.to(value.dtype)
                 terms[prefix + name] = getattr(cfg.weight_dict, key) * value
 
     assign = _hungarian(batch, cfg.matcher)  # (S, B, N)
