@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from pidnet_helpers import make_batch
+from pidnet_cases import make_batch
 
 from losskit.testing import no_host_sync
 from losskit_segmentation_pidnet import PIDNetLoss
