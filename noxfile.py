@@ -22,6 +22,8 @@ PLUGINS = (
     "detection-retinanet",
     "segmentation-pidnet",
     "detection-detr",
+    "pose-rtmcc",
+    "detection-yolov9",
 )
 #: Distributions below the plugins (no criterion of their own) that a plugin's session also installs.
 LIBRARIES = ("ops",)

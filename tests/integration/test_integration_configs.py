@@ -33,6 +33,8 @@ def test_a_config_per_plugin() -> None:
         "detection-retinanet",
         "segmentation-pidnet",
         "detection-detr",
+        "pose-rtmcc",
+        "detection-yolov9",
     } <= names
 
 

@@ -50,6 +50,8 @@ FIRST_PARTY: dict[str, str] = {
     "retinanet_loss": "losskit-detection-retinanet",
     "pidnet_loss": "losskit-segmentation-pidnet",
     "detr_loss": "losskit-detection-detr",
+    "rtmcc_loss": "losskit-pose-rtmcc",
+    "yolov9_loss": "losskit-detection-yolov9",
 }
 
 
