@@ -21,6 +21,7 @@ PLUGINS = (
     "detection-yolox",
     "detection-retinanet",
     "segmentation-pidnet",
+    "segmentation",
 )
 #: Distributions below the plugins (no criterion of their own) that a plugin's session also installs.
 LIBRARIES = ("ops",)

@@ -27,7 +27,13 @@ model:
 
 def test_a_config_per_plugin() -> None:
     names = {p.stem for p in CONFIGS}
-    assert {"classification", "detection-yolox", "detection-retinanet", "segmentation-pidnet"} <= names
+    assert {
+        "classification",
+        "detection-yolox",
+        "detection-retinanet",
+        "segmentation-pidnet",
+        "segmentation",
+    } <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

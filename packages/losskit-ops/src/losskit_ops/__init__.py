@@ -9,6 +9,7 @@ uses torchvision's.
 from __future__ import annotations
 
 from losskit_ops._resize import resize2d
+from losskit_ops._upsampled_ce_sum import upsampled_ce_sum
 from losskit_ops._upsampled_nll import upsampled_nll
 from losskit_ops.boxes import batched_box_iou, box_iou_aligned, decode_deltas, encode_deltas
 from losskit_ops.focal import sigmoid_focal_loss, sigmoid_focal_loss_indexed, sigmoid_focal_loss_reference
@@ -25,5 +26,6 @@ __all__ = [
     "sigmoid_focal_loss",
     "sigmoid_focal_loss_indexed",
     "sigmoid_focal_loss_reference",
+    "upsampled_ce_sum",
     "upsampled_nll",
 ]

@@ -48,6 +48,7 @@ FIRST_PARTY: dict[str, str] = {
     "yolox_loss": "losskit-detection-yolox",
     "retinanet_loss": "losskit-detection-retinanet",
     "pidnet_loss": "losskit-segmentation-pidnet",
+    "seg_cross_entropy": "losskit-segmentation",
 }
 
 
