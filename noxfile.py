@@ -22,6 +22,7 @@ PLUGINS = (
     "detection-retinanet",
     "segmentation-pidnet",
     "detection-detr",
+    "pose-rtmcc",
 )
 #: Distributions below the plugins (no criterion of their own) that a plugin's session also installs.
 LIBRARIES = ("ops",)

@@ -33,6 +33,7 @@ def test_a_config_per_plugin() -> None:
         "detection-retinanet",
         "segmentation-pidnet",
         "detection-detr",
+        "pose-rtmcc",
     } <= names
 
 

@@ -79,7 +79,7 @@ class RetinaNetLossConfig:
     bbox_xform_clip: float = option(
         math.log(1000.0 / 16),
         gt=0.0,
-        doc="Upper clamp of dw, dh before exp when decoding (IoU box losses only).",
+        doc="Clamp of dw, dh to [-clip, clip] before exp when decoding (IoU box losses only).",
     )
     normalizer: Literal["image", "batch"] = option(
         "image",
@@ -420,8 +420,15 @@ class RetinaNetLoss(Criterion[RetinaNetLossConfig]):
       ``sum / max(1, global foreground count)`` over the global batch; without it each rank divides by
       its own count.
 
-    Diagnostics: ``num_fg`` and ``num_ignored``, anchors of the local batch. :meth:`match` returns the
-    assignment ``(B, A)``: gt index, -1 background, -2 ignored.
+    Diagnostics: ``num_fg`` and ``num_ignored``, anchors of the local batch, and ``invalid_targets``, gts
+    of the local batch left out of matching. :meth:`match` returns the assignment ``(B, A)``: gt index,
+    -1 background, -2 ignored.
+
+    With value checks off (accelerators by default), what they would reject is treated without a host
+    sync: a gt box with zero or negative width or height or a non-finite coordinate, or a label outside
+    ``[0, C)``, is left out as if absent (counted in ``invalid_targets``); an anchor with zero or negative
+    width or height is background; ``dw``, ``dh`` are clamped to ``[-bbox_xform_clip, bbox_xform_clip]``
+    before ``exp`` for the IoU box losses. Inputs on different devices raise ``InputError`` naming both.
 
     Inputs:
         cls_logits: ``(B, A, C)`` or a list over levels of ``(B, HWA_l, C)`` logits (no background class).

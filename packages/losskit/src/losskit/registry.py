@@ -50,6 +50,7 @@ FIRST_PARTY: dict[str, str] = {
     "retinanet_loss": "losskit-detection-retinanet",
     "pidnet_loss": "losskit-segmentation-pidnet",
     "detr_loss": "losskit-detection-detr",
+    "rtmcc_loss": "losskit-pose-rtmcc",
 }
 
 
