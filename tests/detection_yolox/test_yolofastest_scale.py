@@ -23,7 +23,7 @@ def test_ddp_with_the_global_normaliser_equals_one_process_on_the_whole_batch() 
     ]
     ranks = run_on_ranks(ddp_rank, world_size=2, args=(halves,))
 
-    assert ranks[0]["keys"] == ranks[1]["keys"] == (("iou", "obj", "cls"), ("num_fg",))
+    assert ranks[0]["keys"] == ranks[1]["keys"] == (("iou", "obj", "cls"), ("num_fg", "invalid_targets"))
     assert ranks[0]["num_fg"] == 0 and ranks[1]["num_fg"] > 0
     whole, _ = shared_model_grads(levels, target)
     for r in ranks:  # on: the DDP-averaged gradient is the single-process gradient of the whole batch
