@@ -40,12 +40,16 @@ def test_helper_modules_follow_the_naming_scheme() -> None:
     assert wrong == [], f"rename to <prefix>_cases.py / <prefix>_reference.py: {wrong}"
 
 
-def test_no_sys_path_changes_outside_the_root_conftest() -> None:
-    """Only tests/conftest.py puts folders on sys.path (a fixture may use monkeypatch.syspath_prepend)."""
+def test_test_modules_leave_sys_path_alone() -> None:
+    """Test files and helper modules never change sys.path: tests/conftest.py puts every folder there.
+
+    (A folder's conftest.py doing it too is redundant, not wrong; only tests/conftest.py needs to.)
+    """
     offenders = [
         str(p.relative_to(TESTS))
         for folder in FOLDERS
         for p in folder.rglob("*.py")
-        if re.search(r"sys\.path\.(insert|append|extend)\(|sys\.path \+?=", p.read_text())
+        if p.name != "conftest.py"
+        and re.search(r"sys\.path\.(insert|append|extend)\(|sys\.path \+?=", p.read_text())
     ]
-    assert offenders == []
+    assert offenders == [], f"import helper modules by name instead (tests/conftest.py): {offenders}"

@@ -23,7 +23,7 @@ from torch import Tensor
 from losskit import InputError
 from losskit_ops.boxes import box_iou_aligned
 
-__all__ = ["NAME", "giou", "hungarian", "iou_giou", "pair_cost", "set_key", "xyxy"]
+__all__ = ["NAME", "hungarian", "iou_giou", "pair_cost", "set_key", "xyxy"]
 
 NAME = "detr_loss"
 
@@ -45,11 +45,6 @@ def iou_giou(b1: Tensor, b2: Tensor) -> tuple[Tensor, Tensor]:
     Reference: Rezatofighi et al., "Generalized Intersection over Union", CVPR 2019.
     """
     return box_iou_aligned(b1, b2, kind="iou", eps=0.0), box_iou_aligned(b1, b2, kind="giou", eps=0.0)
-
-
-def giou(b1: Tensor, b2: Tensor) -> Tensor:
-    """Generalised IoU of broadcastable ``(..., 4)`` xyxy boxes, without epsilon (as DETR)."""
-    return box_iou_aligned(b1, b2, kind="giou", eps=0.0)
 
 
 def pair_cost(
@@ -86,19 +81,36 @@ def pair_cost(
     """
     s, _, q, c = logits.shape
     if use_focal_loss:
-        # logit of gt j's class at every query of its image: one gather from the flat logits
         at = (gt_image * (q * c) + gt_labels)[:, None] + torch.arange(q, device=logits.device) * c
         p = logits.reshape(s, -1)[:, at.reshape(-1)].view(s, -1, q).sigmoid()
-        pos = alpha * (1.0 - p).pow(gamma) * (-(p + eps).log())
-        neg = (1.0 - alpha) * p.pow(gamma) * (-(1.0 - p + eps).log())
-        cls = pos - neg
+        one_minus = 1.0 - p
+        pos = torch.log(p + eps).mul_(one_minus.pow(gamma)).mul_(-alpha)
+        neg = torch.log(one_minus.add_(eps)).mul_(p.pow_(gamma)).mul_(alpha - 1.0)
+        cost = pos.sub_(neg).mul_(cost_class)
     else:
-        prob = logits.softmax(-1)[:, gt_image]  # (S, G, Q, C)
-        cls = -prob.gather(3, gt_labels[None, :, None, None].expand(s, -1, q, 1))[..., 0]
-    pred = boxes[:, gt_image]  # (S, G, Q, 4)
-    l1 = (pred - gt_boxes[None, :, None, :]).abs().sum(-1)
-    overlap = giou(xyxy(pred), xyxy(gt_boxes)[None, :, None, :])
-    return cost_bbox * l1 + cost_class * cls - cost_giou * overlap
+        prob = logits.softmax(-1)[:, gt_image]
+        cost = prob.gather(3, gt_labels[None, :, None, None].expand(s, -1, q, 1))[..., 0].mul_(-cost_class)
+    # L1 and GIoU inline, coordinates first so that each is a contiguous (S, G, Q) plane (cx, cy, w, h,
+    # x1, y1, x2, y2): about 4x faster on CPU than broadcasting (..., 4) boxes through box_iou_aligned
+    half = boxes[..., 2:] / 2
+    coords = torch.cat((boxes, boxes[..., :2] - half, boxes[..., :2] + half), dim=-1)
+    pred = coords.permute(3, 0, 1, 2)[:, :, gt_image]  # (8, S, G, Q)
+    g_half = gt_boxes[:, 2:] / 2
+    g = torch.cat((gt_boxes, gt_boxes[:, :2] - g_half, gt_boxes[:, :2] + g_half), dim=-1).T[:, None, :, None]
+    l1 = (pred[0] - g[0]).abs_()
+    for i in range(1, 4):
+        l1 += (pred[i] - g[i]).abs_()
+    cost.add_(l1.mul_(cost_bbox))
+    iw = torch.minimum(pred[6], g[6]).sub_(torch.maximum(pred[4], g[4])).clamp_(min=0)
+    ih = torch.minimum(pred[7], g[7]).sub_(torch.maximum(pred[5], g[5])).clamp_(min=0)
+    inter = iw.mul_(ih)
+    union = (pred[2] * pred[3]).add_(g[2] * g[3]).sub_(inter)
+    hw = torch.maximum(pred[6], g[6]).sub_(torch.minimum(pred[4], g[4]))
+    hh = torch.maximum(pred[7], g[7]).sub_(torch.minimum(pred[5], g[5]))
+    hull = hw.mul_(hh)
+    # -GIoU = (hull - union) / hull - inter / union
+    neg_giou = (hull - union).div_(hull).sub_(inter.div_(union))
+    return cost.add_(neg_giou.mul_(cost_giou))
 
 
 def _solve(packed: np.ndarray, counts: list[int]) -> np.ndarray:
