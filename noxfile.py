@@ -21,6 +21,9 @@ PLUGINS = (
     "detection-yolox",
     "detection-retinanet",
     "segmentation-pidnet",
+    "detection-detr",
+    "pose-rtmcc",
+    "detection-yolov9",
     "segmentation",
 )
 #: Distributions below the plugins (no criterion of their own) that a plugin's session also installs.
@@ -36,6 +39,18 @@ SHARED_REQUIREMENTS = (
     "hypothesis>=6.100",
 )
 SHARED_ENV = Path(os.environ.get("LOSSKIT_SHARED_ENV", ROOT / ".nox" / "_torch"))
+#: The oldest torch and torchvision every package declares (``torch>=2.3``: ``torch.uint16/32/64`` and
+#: ``torch.compiler.is_compiling`` appear in 2.3; torchvision 0.18 goes with it). ``nox -s floor`` tests
+#: them; numpy < 2 because torch 2.3's wheels were built against numpy 1.
+FLOOR_REQUIREMENTS = (
+    "torch==2.3.0",
+    "torchvision==0.18.0",
+    "numpy<2",
+    *SHARED_REQUIREMENTS[2:],
+)
+FLOOR_ENV = SHARED_ENV.with_name(SHARED_ENV.name + "_floor")
+#: Where the floor's CPU wheels come from (the default PyPI torch wheel is a CUDA build of several GB).
+FLOOR_TORCH_INDEX = os.environ.get("LOSSKIT_FLOOR_TORCH_INDEX", "https://download.pytorch.org/whl/cpu")
 TEST_PLUGIN = "tests/plugins/losskit-charbonnier"
 
 nox.options.default_venv_backend = "venv"
@@ -52,22 +67,25 @@ def _site_packages(python: Path | str) -> str:
     ).stdout.strip()
 
 
-def _shared_env(session: nox.Session) -> str:
-    """Create (once) the environment holding torch & co; return its site-packages path."""
-    python = SHARED_ENV / "bin" / "python"
-    stamp = SHARED_ENV / "losskit-requirements.txt"
-    wanted = "\n".join(SHARED_REQUIREMENTS) + "\n"
+def _shared_env(session: nox.Session, floor: bool = False) -> str:
+    """Create (once) the environment holding torch & co (the floor versions with ``floor``); return its
+    site-packages path."""
+    env, requirements = (FLOOR_ENV, FLOOR_REQUIREMENTS) if floor else (SHARED_ENV, SHARED_REQUIREMENTS)
+    extra = ("--extra-index-url", FLOOR_TORCH_INDEX) if floor else ()
+    python = env / "bin" / "python"
+    stamp = env / "losskit-requirements.txt"
+    wanted = "\n".join(requirements) + "\n"
     if not python.exists():
-        session.run(sys.executable, "-m", "venv", str(SHARED_ENV), external=True)
+        session.run(sys.executable, "-m", "venv", str(env), external=True)
     if not stamp.exists() or stamp.read_text() != wanted:
-        session.run(str(python), "-m", "pip", "install", "-q", *SHARED_REQUIREMENTS, external=True)
+        session.run(str(python), "-m", "pip", "install", "-q", *extra, *requirements, external=True)
         stamp.write_text(wanted)
     return _site_packages(python)
 
 
-def _install(session: nox.Session, *paths: str) -> None:
+def _install(session: nox.Session, *paths: str, floor: bool = False) -> None:
     """Link the shared torch environment into this session, then install ``paths`` (not editable)."""
-    shared = _shared_env(session)
+    shared = _shared_env(session, floor)
     own = _site_packages(Path(session.virtualenv.location) / "bin" / "python")
     Path(own, "_losskit_shared.pth").write_text(shared + "\n")
     session.install("-q", *paths)
@@ -99,7 +117,7 @@ def _all_packages() -> list[str]:
 
 @nox.session
 def core(session: nox.Session) -> None:
-    """Core alone: registry, config loader, composite, CLI, with a tiny third-party test plugin."""
+    """Core alone: registry, config loader (also from OmegaConf/Hydra), composite, CLI, a test plugin."""
     _install(session, "packages/losskit", TEST_PLUGIN)
     _pytest(session, "tests/core")
 
@@ -141,6 +159,28 @@ def lint(session: nox.Session) -> None:
     session.run(
         "mypy", *(f"packages/{d.name}/src" for d in sorted((ROOT / "packages").iterdir()) if d.is_dir())
     )
+
+
+#: What each suite of the floor session installs and tests, as the default sessions do.
+FLOOR_SUITES = ("core", "ops", *PLUGINS, "integration")
+
+
+@nox.session(default=False)
+@nox.parametrize("suite", FLOOR_SUITES)
+def floor(session: nox.Session, suite: str) -> None:
+    """The declared floor, torch 2.3 / torchvision 0.18 (CPU wheels, downloaded once): each suite."""
+    if suite == "core":
+        _install(session, "packages/losskit", TEST_PLUGIN, floor=True)
+        _pytest(session, "tests/core")
+    elif suite == "ops":
+        _install(session, "packages/losskit", "packages/losskit-ops", floor=True)
+        _pytest(session, "tests/ops")
+    elif suite == "integration":
+        _install(session, *_all_packages(), TEST_PLUGIN, floor=True)
+        _pytest(session, "tests/integration", plugins=PLUGINS)
+    else:
+        _install(session, "packages/losskit", *_plugin_paths(suite), floor=True)
+        _pytest(session, f"tests/{suite.replace('-', '_')}", plugins=(suite,))
 
 
 @nox.session(default=False)

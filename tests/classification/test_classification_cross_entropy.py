@@ -4,19 +4,17 @@
 from __future__ import annotations
 
 import re
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from classification_cases import rel_diff
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import losskit
-from losskit_classification import CrossEntropy, cross_entropy
-
-sys.path.insert(0, str(Path(__file__).parent))
-from classification_testlib import rel_diff
+from losskit.testing import assert_defaults_match
+from losskit_classification import CrossEntropy, CrossEntropyConfig, cross_entropy
+from losskit_classification import _torch_kernels as kernels
 
 SHAPES = [(16, 5), (4, 5, 7), (2, 5, 3, 4)]
 
@@ -146,10 +144,10 @@ def test_non_finite_inputs_are_reported():
     crit = CrossEntropy()
     x = torch.randn(3, 4)
     x[1, 2] = float("inf")
-    _raises(crit, {"pred": x}, {"target": torch.tensor([0, 1, 2])}, "out['pred']", "NaN or infinite")
+    _raises(crit, {"pred": x}, {"target": torch.tensor([0, 1, 2])}, "out['pred']", "NaN or inf")
     p = torch.full((3, 4), 0.25)
     p[0, 0] = float("nan")
-    _raises(crit, {"pred": x.clamp(-5, 5)}, {"target": p}, "target['target']", "NaN or infinite")
+    _raises(crit, {"pred": x.clamp(-5, 5)}, {"target": p}, "target['target']", "NaN or inf")
 
 
 def test_empty_batches_give_zero():
@@ -375,3 +373,89 @@ def test_fast_path_errors_name_the_input_and_keep_torchs_error():
     # a 0-dim target is torch's unbatched form; the criterion asks for (N,) whatever N is
     with pytest.raises(losskit.InputError, match=re.escape("need shape (1,)")):
         crit({"pred": torch.randn(1, 3)}, {"target": torch.tensor(2)})
+
+
+def test_functional_defaults_come_from_the_config():
+    assert_defaults_match(cross_entropy, CrossEntropyConfig)
+    assert CrossEntropy.Config is CrossEntropyConfig
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_public_fallback_equals_the_private_bindings(shape, smoothing, weighted, monkeypatch):
+    # where torch lacks the private bindings, the public API computes the same loss and gradients
+    x, t = _batch(shape, ignore_index=1, seed=4)
+    fields = {
+        "label_smoothing": smoothing,
+        "ignore_index": 1,
+        "class_weights": [1.0 + i / 3 for i in range(shape[1])] if weighted else None,
+    }
+    cases = [
+        (CrossEntropy(**fields), t),  # the fast path
+        (CrossEntropy(**fields, normalize_across_ranks=True), t),  # the sum path
+    ]
+    private = [_vg(lambda z, c=c, tt=tt: c({"pred": z}, {"target": tt}), x) for c, tt in cases]
+    t_all = torch.full_like(t, 1)  # every element ignored: the sum path after the fast one
+    private.append(_vg(lambda z: cases[0][0]({"pred": z}, {"target": t_all}), x))
+    assert kernels.PRIVATE_BINDINGS is not None  # this torch has them: both paths are tested
+    monkeypatch.setattr(kernels, "PRIVATE_BINDINGS", None)
+    public = [_vg(lambda z, c=c, tt=tt: c({"pred": z}, {"target": tt}), x) for c, tt in cases]
+    public.append(_vg(lambda z: cases[0][0]({"pred": z}, {"target": t_all}), x))
+    w = None if not weighted else torch.tensor(fields["class_weights"])
+    v_ref, g_ref = _vg(
+        lambda z: F.cross_entropy(z, t, weight=w, ignore_index=1, label_smoothing=smoothing), x
+    )
+    for (v, g), (vp, gp) in zip(private[:2], public[:2]):
+        assert rel_diff(vp, v_ref) <= 1e-6 and rel_diff(gp, g_ref) <= 1e-6
+        assert rel_diff(v, v_ref) <= 1e-6 and rel_diff(g, g_ref) <= 1e-6
+    assert public[2][0].item() == 0.0 and torch.equal(public[2][1], torch.zeros_like(x))
+    assert private[2][0].item() == 0.0 and torch.equal(private[2][1], torch.zeros_like(x))
+
+
+def test_public_fallback_keeps_the_error_translation(monkeypatch):
+    monkeypatch.setattr(kernels, "PRIVATE_BINDINGS", None)
+    x = torch.randn(4, 3)
+    _raises(
+        CrossEntropy(), {"pred": x}, {"target": torch.tensor([0, 1, 2, 3])}, "target['target']", "in [0, 2]"
+    )
+    _raises(
+        CrossEntropy(normalize_across_ranks=True),
+        {"pred": x},
+        {"target": torch.tensor([0, 1, 2, 3])},
+        "target['target']",
+        "in [0, 2]",
+    )
+
+
+def test_nan_logits_in_an_all_ignored_batch():
+    # value checks on (the CPU default): NaN in is an error, not a silent 0 with NaN gradients
+    x = torch.randn(4, 3)
+    x[1, 0] = float("nan")
+    t = torch.full((4,), -100)
+    for crit in (
+        CrossEntropy(),
+        CrossEntropy(normalize_across_ranks=True),
+        CrossEntropy(label_smoothing=0.1),
+    ):
+        _raises(crit, {"pred": x}, {"target": t}, "out['pred']", "NaN or inf")
+    # finite logits, all ignored: 0 with zero gradients, no error
+    v, g = _vg(lambda z: CrossEntropy()({"pred": z}, {"target": t}), x.nan_to_num())
+    assert v.item() == 0.0 and torch.equal(g, torch.zeros_like(g))
+    # value checks off: the documented treatment, 0 (nothing counted) with NaN gradients at NaN rows
+    losskit.set_value_checks("never")
+    try:
+        v, g = _vg(lambda z: CrossEntropy()({"pred": z}, {"target": t}), x)
+    finally:
+        losskit.set_value_checks(None)
+    assert v.item() == 0.0 and torch.isnan(g[1]).all() and torch.equal(g[0], torch.zeros(3))
+
+
+def test_device_mismatch_names_both_keys_and_devices():
+    x = torch.randn(4, 3)
+    t = torch.zeros(4, dtype=torch.long, device="meta")
+    for crit in (CrossEntropy(), CrossEntropy(normalize_across_ranks=True)):
+        with pytest.raises(losskit.InputError) as info:
+            crit({"pred": x}, {"target": t})
+        msg = str(info.value)
+        assert "target['target']" in msg and "out['pred']" in msg and "meta" in msg and "cpu" in msg

@@ -6,18 +6,14 @@ One spawn runs every case (spawning costs seconds); each criterion has its own t
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any
 
+import classification_cases as tl
 import pytest
 import torch
 
 from losskit.testing import run_on_ranks
 from losskit_classification import CrossEntropy, FocalLoss
-
-sys.path.insert(0, str(Path(__file__).parent))
-import classification_testlib as tl
 
 D, C = 6, 4
 

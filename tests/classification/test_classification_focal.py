@@ -3,23 +3,20 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torchvision
+from classification_cases import rel_diff
 
 import losskit
+from losskit.testing import assert_defaults_match
 from losskit_classification import (
     FocalLoss,
+    FocalLossConfig,
     focal_loss,
     sigmoid_focal_loss,
     sigmoid_focal_loss_indexed,
 )
-
-sys.path.insert(0, str(Path(__file__).parent))
-from classification_testlib import rel_diff
 
 tv_focal = torchvision.ops.sigmoid_focal_loss
 
@@ -147,10 +144,10 @@ def test_criterion_errors():
     _raises(crit, {"pred": torch.randn(2, 3, 4)}, {"target": torch.tensor([0, 1])}, "only for pred (N, C)")
     nan = x.clone()
     nan[1, 1] = float("nan")
-    _raises(crit, {"pred": nan}, {"target": torch.zeros(4, 3)}, "out['pred']", "NaN or infinite")
+    _raises(crit, {"pred": nan}, {"target": torch.zeros(4, 3)}, "out['pred']", "NaN or inf")
     bad_t = torch.zeros(4, 3)
     bad_t[0, 0] = float("inf")
-    _raises(crit, {"pred": x}, {"target": bad_t}, "target['target']", "NaN or infinite")
+    _raises(crit, {"pred": x}, {"target": bad_t}, "target['target']", "NaN or inf")
 
 
 def test_value_checks_never_skips_the_syncing_checks():
@@ -188,3 +185,15 @@ def test_no_host_sync_with_value_checks_off():
             sigmoid_focal_loss_indexed(x, torch.tensor([0, 1, -1, 4, 2, 2]), weight=w).backward()
     finally:
         losskit.set_value_checks(None)
+
+
+def test_functional_defaults_come_from_the_config():
+    assert_defaults_match(focal_loss, FocalLossConfig)
+    assert FocalLoss.Config is FocalLossConfig
+
+
+def test_device_mismatch_names_both_keys_and_devices():
+    with pytest.raises(losskit.InputError) as info:
+        FocalLoss()({"pred": torch.randn(4, 3)}, {"target": torch.zeros(4, 3, device="meta")})
+    msg = str(info.value)
+    assert "target['target']" in msg and "out['pred']" in msg and "meta" in msg and "cpu" in msg

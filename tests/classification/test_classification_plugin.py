@@ -48,7 +48,7 @@ def test_config_file_builds_and_runs():
 def test_runtime_override_and_device_move():
     composite = losskit.build_losses(
         "- {criterion: cross_entropy, class_weights: [1.0, 2.0, 3.0]}",
-        ignore_index=255,
+        overrides={"ignore_index": 255},
         registry=losskit.Registry(),
     )
     crit = composite["cross_entropy"]

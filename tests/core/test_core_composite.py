@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -86,6 +87,8 @@ def test_set_epoch_reaches_every_criterion(registry: losskit.Registry) -> None:
     assert set(r0.parts) == set(r1.parts)  # fixed keys whatever the epoch
     loss.set_epoch(3)
     assert loss(out, target).parts["t2/b"].item() == pytest.approx(12.5)
+    loss.set_epoch(np.int64(3))  # type: ignore[arg-type]  # any integral scalar
+    assert loss["t2"].epoch == 3 and type(loss["t2"].epoch) is int
     for bad in (-1, 1.5, True, "2"):
         with pytest.raises(losskit.ConfigError, match="set_epoch expects an int >= 0"):
             loss.set_epoch(bad)  # type: ignore[arg-type]

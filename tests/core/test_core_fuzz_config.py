@@ -6,8 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 import losskit
 
@@ -38,35 +40,48 @@ keys = st.sampled_from(
     ]
 )
 criteria = st.sampled_from(["scaled_l2", "two_terms", "nope", "focal_loss", ""])
-values = st.recursive(
+# OmegaConf's own values: a mandatory value, interpolations that resolve, fail, or point at a parent
+omegaconf_scalars = st.one_of(
     scalars,
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(keys, children, max_size=4),
-    max_leaves=12,
+    st.sampled_from(["???", "${loss_weight}", "${nope}", "${model}", "${losses}", "${oc.env:LOSSKIT_NOPE}"]),
 )
 
-entry = st.fixed_dictionaries(
-    {"criterion": criteria},
-    optional={
-        "weight": st.one_of(st.none(), st.floats(allow_nan=True), st.integers(-3, 3), st.text(max_size=3)),
-        "name": st.one_of(st.text(max_size=6), st.integers()),
-        "scale": values,
-        "gamma": values,
-        "mode": st.one_of(st.sampled_from(["mean", "sum", "meen"]), values),
-        "class_weights": values,
-        "steps": values,
-        "flag": values,
-        "b_from_epoch": values,
-        "x": values,
-    },
-)
-configs = st.one_of(
-    st.lists(st.one_of(entry, values), max_size=4),
-    st.fixed_dictionaries({"losses": st.one_of(st.lists(st.one_of(entry, values), max_size=4), values)}),
-    st.fixed_dictionaries(
-        {"model": st.one_of(st.fixed_dictionaries({"losses": st.lists(entry, max_size=3)}), values)}
-    ),
-    values,
-)
+
+def config_strategy(leaves: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """Configs in every layout, mostly well-formed entries with junk values, built from ``leaves``."""
+    values = st.recursive(
+        leaves,
+        lambda children: st.lists(children, max_size=4) | st.dictionaries(keys, children, max_size=4),
+        max_leaves=12,
+    )
+    entry = st.fixed_dictionaries(
+        {"criterion": criteria},
+        optional={
+            "weight": st.one_of(
+                st.none(), st.floats(allow_nan=True), st.integers(-3, 3), st.text(max_size=3)
+            ),
+            "name": st.one_of(st.text(max_size=6), st.integers()),
+            "scale": values,
+            "gamma": values,
+            "mode": st.one_of(st.sampled_from(["mean", "sum", "meen"]), values),
+            "class_weights": values,
+            "steps": values,
+            "flag": values,
+            "b_from_epoch": values,
+            "x": values,
+        },
+    )
+    return st.one_of(
+        st.lists(st.one_of(entry, values), max_size=4),
+        st.fixed_dictionaries({"losses": st.one_of(st.lists(st.one_of(entry, values), max_size=4), values)}),
+        st.fixed_dictionaries(
+            {"model": st.one_of(st.fixed_dictionaries({"losses": st.lists(entry, max_size=3)}), values)}
+        ),
+        values,
+    )
+
+
+configs = config_strategy(scalars)
 
 
 def check(source: Any, registry: losskit.Registry) -> None:
@@ -117,3 +132,34 @@ def test_random_yaml_text_never_escapes(registry: losskit.Registry, text: str) -
     if "\n" not in text and text.endswith((".yaml", ".yml")):
         text += "\n"
     check(text, registry)
+
+
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    config_strategy(omegaconf_scalars),
+    st.sampled_from(["root", "model", "losses", "model.losses"]),
+    st.booleans(),
+)
+def test_omegaconf_containers_never_escape(
+    registry: losskit.Registry, config: Any, part: str, struct: bool
+) -> None:
+    """The same junk as OmegaConf objects (with ``???`` and interpolations), given whole or in part."""
+    assume(isinstance(config, (dict, list)))  # OmegaConf.create would parse a string as YAML
+    if isinstance(config, dict):
+        config = {**config, "loss_weight": 0.5}
+    try:
+        conf = OmegaConf.create(config)
+    except OmegaConfBaseException:  # e.g. text that OmegaConf's grammar rejects
+        return
+    OmegaConf.set_struct(conf, struct)
+    node: Any = None
+    if part != "root" and isinstance(conf, DictConfig):
+        try:
+            node = OmegaConf.select(conf, part)
+        except OmegaConfBaseException:  # the part is itself an interpolation that fails
+            node = None
+    check(node if isinstance(node, (DictConfig, ListConfig)) else conf, registry)

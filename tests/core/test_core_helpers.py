@@ -6,11 +6,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 
 import losskit
-from losskit.checks import check_same_device, missing_key_error
+from losskit.checks import (
+    check_same_device,
+    explain_non_finite,
+    integral_scalar,
+    missing_key_error,
+    real_scalar,
+)
 from losskit.tensors import autocast_off, graph_zero
 from losskit.testing import assert_defaults_match
 
@@ -55,6 +62,16 @@ def test_check_same_device_names_both_keys_and_devices():
     )
 
 
+def test_explain_non_finite_names_the_first_non_finite_input():
+    ok, bad = torch.ones(3), torch.tensor([1.0, float("inf")])
+    assert explain_non_finite("foo_loss", [("out['pred']", ok), ("x", None)]) is None
+    err = explain_non_finite("foo_loss", [("out['pred']", ok), ("out['aux']", bad), ("t", bad.neg())])
+    assert isinstance(err, losskit.InputError)
+    assert str(err) == "foo_loss: out['aux']: contains non-finite values (NaN or inf)"
+    nan = explain_non_finite("foo_loss", [("target['target']", torch.tensor(float("nan")))])
+    assert str(nan) == "foo_loss: target['target']: contains non-finite values (NaN or inf)"
+
+
 @dataclass(frozen=True)
 class _Config:
     gamma: float = losskit.option(2.0, ge=0.0, doc="g")
@@ -84,3 +101,46 @@ def test_criterion_is_generic_over_its_config():
     assert isinstance(crit.config, _Config) and crit.config.gamma == 1.0
     with pytest.raises(losskit.ConfigError, match=r"tiny\.gamma"):
         Tiny(gamma=-1.0)
+
+
+@pytest.mark.parametrize(
+    ("value", "as_int", "as_real"),
+    [
+        (3, 3, 3.0),
+        (np.int64(3), 3, 3.0),
+        (np.uint8(7), 7, 7.0),
+        (torch.tensor(3), 3, 3.0),
+        (torch.tensor(2.5), None, 2.5),
+        (2.5, None, 2.5),
+        (np.float32(2.5), None, 2.5),
+        (True, None, None),
+        (np.bool_(True), None, None),
+        (torch.tensor(True), None, None),
+        ("2", None, None),
+        (torch.tensor([3]), None, None),
+        (None, None, None),
+    ],
+)
+def test_integral_and_real_scalars(value, as_int, as_real):
+    got = integral_scalar(value)
+    assert got == as_int and (got is None or type(got) is int)
+    real = real_scalar(value)
+    assert real == as_real and (real is None or type(real) is float)
+
+
+def test_set_epoch_takes_any_integral_scalar():
+    @dataclass(frozen=True)
+    class Cfg:
+        pass
+
+    class Crit(losskit.Criterion[Cfg]):
+        name = "crit"
+        Config = Cfg
+
+    crit = Crit()
+    for value in (np.int64(3), torch.tensor(3), np.int32(3)):
+        crit.set_epoch(value)  # type: ignore[arg-type]
+        assert crit.epoch == 3 and type(crit.epoch) is int
+    for bad in (np.int64(-1), torch.tensor(1.0), np.bool_(True), torch.tensor([1])):
+        with pytest.raises(losskit.ConfigError, match="set_epoch expects an int >= 0"):
+            crit.set_epoch(bad)  # type: ignore[arg-type]

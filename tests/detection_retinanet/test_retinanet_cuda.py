@@ -1,17 +1,15 @@
 # SPDX-License-Identifier: Apache-2.0
-"""On CUDA (skipped elsewhere): no host-device synchronisation in forward and backward, CPU parity."""
+"""On CUDA (skipped elsewhere): no host-device synchronisation in forward and backward, CPU parity;
+invalid gts and anchors, a crowded image and extreme deltas stay finite without a sync."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
+import retinanet_cases as tl
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-import retinanet_testlib as tl
-
+from losskit.checks import set_value_checks
+from losskit.testing import no_host_sync
 from losskit_detection_retinanet import RetinaNetLoss
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -42,13 +40,9 @@ def test_cuda_no_sync_and_parity(cfg):
     crit(out, {"gt": g})  # warm-up: lazy CUDA initialisation may synchronise once
     for t in c + r:
         t.grad = None
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         res = crit(out, {"gt": g})
         res.total.backward()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     for k in ref:
         assert tl.rel_diff(res[k].cpu(), ref[k]) <= 1e-5
     assert tl.rel_diff(tl.grads(c).cpu(), tl.grads(cls)) <= 1e-5
@@ -71,3 +65,32 @@ def test_cuda_half_and_autocast():
             )
         for k in ref:
             assert torch.isfinite(res[k]) and tl.rel_diff(res[k].cpu(), ref[k]) < 1e-2
+
+
+@pytest.mark.parametrize("box_loss", ["l1", "ciou"])
+def test_cuda_invalid_targets_crowded_and_extreme_deltas_finite_without_sync(box_loss):
+    """Value checks are off on CUDA by default: invalid inputs get their defined treatment, no sync."""
+    cls, reg, anchors, gt = tl.make_batch([300, 0, 7], image=640, num_classes=80, seed=4)
+    gt[2]["boxes"][0, 2] = gt[2]["boxes"][0, 0]  # zero width
+    gt[2]["labels"][1] = 80  # out of range
+    anchors[10, 2] = anchors[10, 0]  # degenerate anchor
+    reg[0].data[..., 2:] = -30.0  # size deltas far below the clip
+    crit = RetinaNetLoss(box_loss=box_loss)
+    c, r, a, g = _to_cuda(cls, reg, anchors, gt)
+    out = {"cls_logits": c, "bbox_regression": r, "anchors": a}
+    crit(out, {"gt": g})  # warm-up
+    for t in c + r:
+        t.grad = None
+    with no_host_sync():
+        res = crit(out, {"gt": g})
+        res.total.backward()
+    assert all(bool(torch.isfinite(v)) for v in res.values())
+    assert all(bool(torch.isfinite(t.grad).all()) for t in c + r)
+    assert float(res.diagnostics["invalid_targets"]) == 2.0
+    set_value_checks("never")  # the CPU default would reject these inputs
+    try:
+        cpu = crit({"cls_logits": cls, "bbox_regression": reg, "anchors": anchors}, {"gt": gt})
+    finally:
+        set_value_checks(None)
+    for k in cpu:
+        assert tl.rel_diff(res[k].cpu(), cpu[k]) <= 1e-5

@@ -4,17 +4,13 @@
 from __future__ import annotations
 
 import copy
-import sys
 from pathlib import Path
 
 import pytest
+import retinanet_cases as tl
 import torch
 
 import losskit
-
-sys.path.insert(0, str(Path(__file__).parent))
-import retinanet_testlib as tl
-
 from losskit_detection_retinanet import RetinaNetLoss
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -66,7 +62,7 @@ def test_terms_and_diagnostics_fixed():
     crit, out, target = _example(3)
     res = crit(out, target)
     assert list(res) == ["classification", "bbox_regression"]
-    assert list(res.diagnostics) == ["num_fg", "num_ignored"]
+    assert list(res.diagnostics) == ["num_fg", "num_ignored", "invalid_targets"]
     assert all(not d.requires_grad for d in res.diagnostics.values())
     empty = {"gt": [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}] * 3}
     res2 = crit(out, empty)
@@ -305,5 +301,9 @@ def test_config_file_builds_and_runs():
     out, target = crit.example(2, generator=torch.Generator().manual_seed(0))
     result = composite(out, target)
     assert set(result.parts) >= {"retinanet/classification", "retinanet/bbox_regression", "total"}
-    assert set(result.diagnostics) == {"retinanet/num_fg", "retinanet/num_ignored"}
+    assert set(result.diagnostics) == {
+        "retinanet/num_fg",
+        "retinanet/num_ignored",
+        "retinanet/invalid_targets",
+    }
     result.total.backward()

@@ -3,17 +3,13 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
+import retinanet_cases as tl
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-import retinanet_testlib as tl
-
 from losskit_detection_retinanet import RetinaNetLoss
-from losskit_detection_retinanet._match import match_anchors, pad_gt
+from losskit_detection_retinanet import _match as _match_module
+from losskit_detection_retinanet._match import match_anchors, pad_gt, prepare_gt
 
 
 def _match(anchors, boxes_per_image, **cfg):
@@ -121,3 +117,56 @@ def test_match_function_directly_on_padding():
     )
     assert m.dtype == torch.int64 and m.shape == (2, 6)
     assert m[0, :2].tolist() == [0, 0] and bool((m[1] == -1).all())
+
+
+def _grid_boxes(n, g):
+    xy = torch.randint(0, 8, (n, 2), generator=g).float() * 4
+    wh = torch.randint(1, 5, (n, 2), generator=g).float() * 4
+    return torch.cat([xy, xy + wh], 1)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("max_elements", [1, 60 * 3, 60 * 7])
+def test_chunked_matching_equals_one_block(seed, max_elements, monkeypatch):
+    """Gts matched image by image in chunks of a few rows give the matches of one batched block (and of
+    torchvision), with ties, skewed counts, invalid gts and per-image anchors; no block exceeds the bound."""
+    g = torch.Generator().manual_seed(seed)
+    anchors = _grid_boxes(60, g)
+    counts = [int(n) for n in torch.randint(0, 12, (4,), generator=g)]
+    counts[0] = 17  # one crowded image: padding to it wastes most of the batch
+    boxes = [_grid_boxes(n, g) for n in counts]
+    labels = [torch.randint(0, 3, (n,), generator=g) for n in counts]
+    boxes[0][3] = torch.tensor([8.0, 8.0, 8.0, 20.0])  # degenerate: left out
+    labels[0][5] = 3  # out of range for C = 3: left out
+    per_image = torch.stack([anchors, anchors.flip(0), anchors, anchors + 2.0])
+    sizes = []
+    real_iou = _match_module.batched_box_iou
+
+    def recording_iou(b, a):
+        sizes.append(b.shape[0] * b.shape[1] * a.shape[-2])
+        return real_iou(b, a)
+
+    monkeypatch.setattr(_match_module, "batched_box_iou", recording_iou)
+    for anc in (anchors, per_image):
+        for cfg in ({"allow_low_quality_matches": True}, {"allow_low_quality_matches": False}):
+            gt = prepare_gt(boxes, labels, num_classes=3, dtype=torch.float32, device=torch.device("cpu"))
+            kw = {"fg_iou_thresh": 0.5, "bg_iou_thresh": 0.4, **cfg}
+            # without counts every image is taken to hold G gts: nothing is wasted, one block
+            sizes.clear()
+            one = match_anchors(gt.boxes, gt.valid, anc, max_elements=10**9, **kw)
+            assert sizes == [4 * 17 * 60]
+            sizes.clear()
+            chunked = match_anchors(
+                gt.boxes, gt.valid, anc, counts=gt.counts, max_elements=max_elements, **kw
+            )
+            assert len(sizes) >= 4 and max(sizes) <= max(max_elements, 60)
+            assert torch.equal(chunked, one)
+            keep = [gt.valid[i, :n] for i, n in enumerate(counts)]
+            for i in range(4):
+                a_i = anc if anc.dim() == 2 else anc[i]
+                ref = tl.torchvision_matches(boxes[i][keep[i]], a_i, **cfg)
+                # torchvision indexes the kept boxes: map back to the given list
+                index = keep[i].nonzero().flatten()
+                ref = torch.where(ref >= 0, index[ref.clamp(min=0)], ref) if index.numel() else ref
+                assert torch.equal(chunked[i], ref)
+    assert float(gt.num_invalid) == 2.0

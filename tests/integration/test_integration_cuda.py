@@ -10,13 +10,16 @@ import torch
 import losskit
 from losskit.registry import FIRST_PARTY
 
+#: Fields a criterion cannot be built without (they have no default), for the ones that have any.
+REQUIRED = {"yolofastest_loss": {"anchors": [[12, 18, 37, 49, 52, 132], [115, 73, 119, 199, 242, 238]]}}
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 @cuda
 @pytest.mark.parametrize("name", sorted(FIRST_PARTY))
 def test_no_host_sync_on_cuda(name: str) -> None:
-    loss = losskit.build_losses([{"criterion": name}], device="cuda")
+    loss = losskit.build_losses([{"criterion": name, **REQUIRED.get(name, {})}], device="cuda")
     out, target = loss[name].example(4, device="cuda", generator=torch.Generator().manual_seed(0))
     loss(out, target)  # warm-up: lazy init may sync once
     torch.cuda.synchronize()
@@ -33,7 +36,7 @@ def test_no_host_sync_on_cuda(name: str) -> None:
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("name", sorted(FIRST_PARTY))
 def test_autocast_on_cuda(name: str, dtype: torch.dtype) -> None:
-    loss = losskit.build_losses([{"criterion": name}], device="cuda")
+    loss = losskit.build_losses([{"criterion": name, **REQUIRED.get(name, {})}], device="cuda")
     out, target = loss[name].example(4, device="cuda", generator=torch.Generator().manual_seed(0))
     reference = loss(out, target).total
     with torch.autocast("cuda", dtype=dtype):

@@ -8,9 +8,10 @@ and :func:`cross_entropy`.
 
 from __future__ import annotations
 
-from losskit_classification.cross_entropy import CrossEntropy, cross_entropy
+from losskit_classification.cross_entropy import CrossEntropy, CrossEntropyConfig, cross_entropy
 from losskit_classification.focal import (
     FocalLoss,
+    FocalLossConfig,
     focal_loss,
     sigmoid_focal_loss,
     sigmoid_focal_loss_indexed,
@@ -21,7 +22,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CrossEntropy",
+    "CrossEntropyConfig",
     "FocalLoss",
+    "FocalLossConfig",
     "__version__",
     "cross_entropy",
     "focal_loss",

@@ -1,23 +1,27 @@
 # SPDX-License-Identifier: Apache-2.0
 """Cross-entropy with class indices or soft labels: the ``cross_entropy`` criterion.
 
-A thin layer over torch's own kernels (same value and gradients as
-:func:`torch.nn.functional.cross_entropy`), which differs only where torch's result is not usable for
-training: a batch whose every element is ignored gives 0 with zero gradients (torch gives NaN),
-without a host-device synchronisation. Soft labels call ``F.cross_entropy`` itself. Index targets:
+Torch's own kernels (same value and gradients as :func:`torch.nn.functional.cross_entropy`), except
+where torch's result is not usable for training: a batch whose every element is ignored gives 0 with
+zero gradients (torch gives NaN), without a host-device synchronisation. Soft labels call
+``F.cross_entropy`` itself. Index targets take one of two paths:
 
-* on CPU, where reading a value costs no synchronisation, torch's own cross-entropy kernel runs with
-  the mean reduction and its value is read back; only a non-finite value (every element ignored, so
-  0 / 0, or non-finite inputs) takes the path below, so a call costs what ``F.cross_entropy`` costs;
-* elsewhere (and with ``normalize_across_ranks``), the two kernels ``F.cross_entropy`` runs are called
-  directly (``log_softmax`` and the NLL forward with the sum reduction, whose second output is the
-  mean's denominator) and the sum is divided by the clamped denominator, with no read-back.
+* the fast path, where reading a value costs nothing (CPU, not tracing): torch's cross-entropy kernel
+  with the mean reduction, its value read back; a finite value is the result, so a call costs what
+  ``F.cross_entropy`` costs;
+* the sum path, everywhere else and after a non-finite read-back (every element ignored: 0 / 0): the
+  two kernels ``F.cross_entropy`` runs, ``log_softmax`` and the NLL forward with the sum reduction
+  (whose second output is the mean's denominator), and the sum divided by the clamped denominator,
+  with no read-back.
+
+The kernels are called through :mod:`losskit_classification._torch_kernels`, the one module that uses
+private torch bindings (with a public fallback).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -26,14 +30,50 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from losskit import Criterion, InputError, option
-from losskit.checks import fmt_shape, get_tensor, reads_are_free, value_checks_enabled
+from losskit.checks import (
+    check_same_device,
+    explain_non_finite,
+    fmt_shape,
+    get_tensor,
+    reads_are_free,
+    value_checks_enabled,
+)
 from losskit.dist import global_mean
+from losskit_classification import _torch_kernels as kernels
 
-__all__ = ["CrossEntropy", "cross_entropy"]
+__all__ = ["CrossEntropy", "CrossEntropyConfig", "cross_entropy"]
+
+
+@dataclass(frozen=True)
+class CrossEntropyConfig:
+    """The fields of ``cross_entropy``: the only place their defaults are written."""
+
+    label_smoothing: float = option(
+        0.0, ge=0.0, le=1.0, doc="Mix the target with the uniform distribution by this amount."
+    )
+    ignore_index: int = option(-100, doc="Class index whose elements are skipped (index targets only).")
+    class_weights: tuple[float, ...] | None = option(
+        None,
+        ge=0.0,
+        min_items=1,
+        doc="Per-class rescaling (C values, torch's 'weight'); null for none.",
+    )
+    normalize_across_ranks: bool = option(
+        False,
+        doc="Divide by the mean over DDP ranks of the count (or class-weight sum) of non-ignored "
+        "elements instead of the local one.",
+    )
+
 
 #: Lower clamp of the normaliser: the loss sum is exactly 0 when nothing is counted, so any
 #: positive value gives 0; a tiny one keeps fractional cross-rank means (DDP) exact.
 _MIN_NORMALIZER = 1e-12
+#: Logit dtypes computed as given (others in float32).
+_FAST_DTYPES = frozenset({torch.float32, torch.float64})
+#: Integer dtypes accepted as class indices (bool and complex are not).
+_INDEX_DTYPES = frozenset(
+    {torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32, torch.uint64}
+)
 
 
 def cross_entropy(
@@ -41,9 +81,9 @@ def cross_entropy(
     target: Tensor,
     *,
     weight: Tensor | None = None,
-    ignore_index: int = -100,
-    label_smoothing: float = 0.0,
-    normalize_across_ranks: bool = False,
+    ignore_index: int = CrossEntropyConfig.ignore_index,
+    label_smoothing: float = CrossEntropyConfig.label_smoothing,
+    normalize_across_ranks: bool = CrossEntropyConfig.normalize_across_ranks,
 ) -> Tensor:
     """Mean cross-entropy, ``F.cross_entropy(..., reduction="mean")`` without NaN for all-ignored batches.
 
@@ -62,96 +102,72 @@ def cross_entropy(
         weights), 0 when there is none. Soft labels: the mean over all ``N * d1 * ... * dk`` elements,
         as torch computes it.
 
-    On CPU, index targets without ``normalize_across_ranks`` run torch's own kernel and read the value
-    back (no device, so no synchronisation) to tell a usable mean from an all-ignored 0 / 0; on other
-    devices nothing is read back.
+    Index targets without ``normalize_across_ranks`` take the fast path where reads are free (see the
+    module doc); nothing is read back on other devices. No input is checked here (the criterion does).
     """
-    return _cross_entropy(pred, target, weight, ignore_index, label_smoothing, normalize_across_ranks)[0]
+    x, weight = _in_compute_dtype(pred, weight)
+    if target.is_floating_point():
+        return _soft_mean(x, target, weight, label_smoothing)
+    t = target if target.dtype == torch.int64 else target.long()
+    if not normalize_across_ranks and reads_are_free(x):
+        loss = _fast_mean(x, t, weight, ignore_index, label_smoothing)
+        if loss is not None:
+            return loss
+    return _index_mean(x, t, weight, ignore_index, label_smoothing, normalize_across_ranks)[0]
 
 
-#: ``F.cross_entropy``'s own entry point (the Python function only forwards to it) and its reduction
-#: code; the binding takes the reduction as an int (``at::Reduction``), which torch's stub types as str.
-_cross_entropy_loss: Callable[[Tensor, Tensor, Tensor | None, int, int, float], Tensor] = (
-    torch._C._nn.cross_entropy_loss  # type: ignore[assignment]
-)
-_MEAN = 1  # at::Reduction::Mean
-_FAST_DTYPES = frozenset({torch.float32, torch.float64})  # computed as given (others in float32)
+def _in_compute_dtype(pred: Tensor, weight: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """The logits in float32 or float64, and the class weights in their dtype and on their device."""
+    x = pred if pred.dtype in _FAST_DTYPES else pred.float()
+    if weight is not None and (weight.dtype != x.dtype or weight.device != x.device):
+        weight = weight.to(device=x.device, dtype=x.dtype)
+    return x, weight
 
 
-def _cross_entropy(
-    pred: Tensor,
-    target: Tensor,
+def _fast_mean(
+    x: Tensor, t: Tensor, weight: Tensor | None, ignore_index: int, label_smoothing: float
+) -> Tensor | None:
+    """The fast path: torch's mean-reduction kernel and a read of its value (free only where
+    :func:`losskit.checks.reads_are_free`); ``None`` when the value is not finite (every element
+    ignored, or non-finite inputs), for the sum path to decide."""
+    loss = kernels.cross_entropy_mean(x, t, weight, ignore_index, label_smoothing)
+    return loss if math.isfinite(loss.item()) else None
+
+
+def _soft_mean(x: Tensor, target: Tensor, weight: Tensor | None, label_smoothing: float) -> Tensor:
+    t = target if target.dtype == x.dtype else target.to(x.dtype)
+    if t.numel() == 0:  # torch's mean over no element is NaN
+        return F.cross_entropy(x, t, weight=weight, label_smoothing=label_smoothing, reduction="sum")
+    return F.cross_entropy(x, t, weight=weight, label_smoothing=label_smoothing)
+
+
+def _index_mean(
+    x: Tensor,
+    t: Tensor,
     weight: Tensor | None,
     ignore_index: int,
     label_smoothing: float,
     normalize_across_ranks: bool,
-    read_back: bool = True,
-) -> tuple[Tensor, bool]:
-    """:func:`cross_entropy`, and whether its value was read back and is finite (CPU index targets).
-
-    ``read_back=False`` skips the CPU kernel-and-read path (a caller that already tried it).
-    """
-    x = pred if pred.dtype in _FAST_DTYPES else pred.float()
-    if weight is not None and (weight.dtype != x.dtype or weight.device != x.device):
-        weight = weight.to(device=x.device, dtype=x.dtype)
-    if target.is_floating_point():
-        t = target if target.dtype == x.dtype else target.to(x.dtype)
-        if t.numel() == 0:  # torch's mean over no element is NaN
-            return F.cross_entropy(
-                x, t, weight=weight, label_smoothing=label_smoothing, reduction="sum"
-            ), False
-        return F.cross_entropy(x, t, weight=weight, label_smoothing=label_smoothing), False
-    t = target if target.dtype == torch.int64 else target.long()
-    if read_back and not normalize_across_ranks and reads_are_free(x):
-        loss = _cross_entropy_loss(x, t, weight, _MEAN, ignore_index, label_smoothing)
-        if math.isfinite(loss.item()):  # a CPU read: no synchronisation
-            return loss, True
-    total, count = _index_cross_entropy_sum(x, t, weight, ignore_index, label_smoothing)
-    if normalize_across_ranks:
-        count = global_mean(count, enabled=True, min=_MIN_NORMALIZER)
-    else:
-        count = count.clamp_min(_MIN_NORMALIZER)
-    return total / count, False
-
-
-#: Integer dtypes accepted as class indices (bool and complex are not).
-_INDEX_DTYPES = frozenset(
-    {torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32, torch.uint64}
-)
-
-_nll_loss = torch.ops.aten.nll_loss_forward.default
-_nll_loss2d = torch.ops.aten.nll_loss2d_forward.default
-_SUM = 2  # at::Reduction::Sum
-
-
-def _index_cross_entropy_sum(
-    x: Tensor, t: Tensor, weight: Tensor | None, ignore_index: int, label_smoothing: float
 ) -> tuple[Tensor, Tensor]:
-    """The summed loss of ``F.cross_entropy(..., reduction="sum")`` and its mean's denominator.
-
-    The denominator (the class-weight sum, or the count, of the non-ignored elements) is what torch's
-    NLL kernel already computes, so it costs nothing: ``log_softmax`` and the NLL forward are the two
-    kernels ``F.cross_entropy`` runs, called directly to keep that second output.
-    """
+    """The sum path: ``(loss, local denominator)``, the loss 0 when nothing is counted. No read-back."""
     logp = torch.log_softmax(x, 1)
-    if x.dim() == 2:
-        nll, count = _nll_loss(logp, t, weight, _SUM, ignore_index)
-    else:  # (N, C, d1, ..., dk) as the (N, C, H, W) the 2-D kernel takes: views, no copy
-        n, c, d = x.shape[0], x.shape[1], math.prod(x.shape[2:])
-        nll, count = _nll_loss2d(logp.reshape(n, c, d, 1), t.reshape(n, d, 1), weight, _SUM, ignore_index)
-    if label_smoothing == 0.0:
-        return nll, count
-    # smoothing: the uniform target's loss -sum_c w_c logp_c over the non-ignored elements
-    if weight is None:
-        smooth = logp.sum(1)
+    total, count = kernels.nll_sum_and_count(logp, t, weight, ignore_index)
+    if label_smoothing != 0.0:
+        # the uniform target's loss -sum_c w_c logp_c over the non-ignored elements
+        if weight is None:
+            smooth = logp.sum(1)
+        else:
+            smooth = (logp * weight.view(-1, *([1] * (x.dim() - 2)))).sum(1)
+        smooth = -smooth.masked_fill(t == ignore_index, 0.0).sum()
+        total = total * (1.0 - label_smoothing) + smooth * (label_smoothing / x.shape[1])
+    if normalize_across_ranks:
+        norm = global_mean(count, enabled=True, min=_MIN_NORMALIZER)
     else:
-        smooth = (logp * weight.view(-1, *([1] * (x.dim() - 2)))).sum(1)
-    smooth = -smooth.masked_fill(t == ignore_index, 0.0).sum()
-    total = nll * (1.0 - label_smoothing) + smooth * (label_smoothing / x.shape[1])
-    return total, count
+        norm = count.clamp_min(_MIN_NORMALIZER)
+    return total / norm, count
 
 
-class CrossEntropy(Criterion):
+class CrossEntropy(Criterion[CrossEntropyConfig]):
     """Cross-entropy over class logits, the mean over non-ignored elements, as ``torch.nn.CrossEntropyLoss``.
 
     Equal to ``torch.nn.functional.cross_entropy(pred, target, weight=class_weights,
@@ -164,35 +180,16 @@ class CrossEntropy(Criterion):
         target["target"]: int class indices ``(N,)`` / ``(N, d1, ..., dk)``, or float class
             probabilities of ``pred``'s shape (soft labels from mixup/cutmix).
 
-    Reduction: index targets: the sum of the per-element losses (times the class weight of the
-    target) over non-ignored elements, divided by the number of those elements (the sum of their
-    class weights when ``class_weights`` is set). Soft labels: divided by ``N * d1 * ... * dk``.
-    Under DDP, set ``normalize_across_ranks`` to divide by the mean normaliser over ranks, which makes
-    the averaged gradients those of the global batch.
+    Reduction: see ``docs/classification.md`` (index targets: divided by the count, or class-weight
+    sum, of non-ignored elements; soft labels: by ``N * d1 * ... * dk``; ``normalize_across_ranks``
+    averages the denominator over DDP ranks).
 
     Reference: ``torch.nn.CrossEntropyLoss``; label smoothing: Szegedy et al., "Rethinking the
     Inception Architecture for Computer Vision", CVPR 2016.
     """
 
     name: ClassVar[str] = "cross_entropy"
-
-    @dataclass(frozen=True)
-    class Config:
-        label_smoothing: float = option(
-            0.0, ge=0.0, le=1.0, doc="Mix the target with the uniform distribution by this amount."
-        )
-        ignore_index: int = option(-100, doc="Class index whose elements are skipped (index targets only).")
-        class_weights: tuple[float, ...] | None = option(
-            None,
-            ge=0.0,
-            min_items=1,
-            doc="Per-class rescaling (C values, torch's 'weight'); null for none.",
-        )
-        normalize_across_ranks: bool = option(
-            False,
-            doc="Divide by the mean over DDP ranks of the count (or class-weight sum) of non-ignored "
-            "elements instead of the local one.",
-        )
+    Config = CrossEntropyConfig
 
     inputs: ClassVar[Mapping[str, str]] = {
         "pred": "(N, C) or (N, C, d1, ..., dk) logits, any floating dtype",
@@ -203,7 +200,7 @@ class CrossEntropy(Criterion):
 
     class_weights: Tensor | None
 
-    def __init__(self, config: Any | None = None, /, **fields: Any) -> None:
+    def __init__(self, config: CrossEntropyConfig | None = None, /, **fields: Any) -> None:
         super().__init__(config, **fields)
         weights = self.config.class_weights
         # Not persistent: the config is the source of truth, so checkpoints load whatever the weights are.
@@ -233,49 +230,47 @@ class CrossEntropy(Criterion):
             and not cfg.normalize_across_ranks
             and reads_are_free(pred)
         ):
-            # The common case, which runs every step: int64 class indices on CPU, where torch's own
-            # kernel checks the sizes, the weights' length and the class range (its errors are
-            # translated below) and reading the value back costs no synchronisation. This keeps the
-            # criterion within 5% of F.cross_entropy at (256, 1000) (benchmarks/classification.py).
+            # The common case, every step: int64 class indices on CPU. Only attributes are checked
+            # here; torch's kernel checks the sizes, the weights' length and the class range, and its
+            # errors are translated. This keeps the criterion within 5% of F.cross_entropy at
+            # (256, 1000) (benchmarks/classification.py).
             try:
-                loss = _cross_entropy_loss(pred, tgt, weights, _MEAN, cfg.ignore_index, cfg.label_smoothing)
+                loss = _fast_mean(pred, tgt, weights, cfg.ignore_index, cfg.label_smoothing)
             except (IndexError, RuntimeError, ValueError) as exc:
                 self._check_index_inputs(pred, tgt, weights, cause=exc)
-                # the inputs are fine, so torch refused something the general path converts (e.g.
-                # class weights left on another device): let it run, or raise torch's error
-                return self._forward(pred, tgt, weights)
-            if math.isfinite(loss.item()):
+                loss = None  # the inputs are fine: torch refused what the sum path converts (devices)
+            if loss is not None:
                 return loss
-            return self._forward(pred, tgt, weights, read_back=False)  # all ignored, or non-finite
-        return self._forward(pred, tgt, weights)
+        return self._checked_forward(pred, tgt, weights)
 
-    def _forward(self, pred: Tensor, tgt: Tensor, weights: Tensor | None, read_back: bool = True) -> Tensor:
-        """Every other case: all the checks first, then :func:`cross_entropy`'s computation."""
+    def _checked_forward(self, pred: Tensor, tgt: Tensor, weights: Tensor | None) -> Tensor:
+        """Every other case: all the checks first, then the soft-label or the sum path."""
         if not pred.is_floating_point():
             pred, tgt = self._check_inputs({"pred": pred}, {"target": tgt})
-        soft = tgt.is_floating_point()
-        if soft:
+        cfg = self.config
+        x, w = _in_compute_dtype(pred, weights)
+        if tgt.is_floating_point():
             self._check_shapes(pred, tgt)
             self._check_weights(pred, weights)
-        else:
-            self._check_index_inputs(pred, tgt, weights)
-        cfg = self.config
+            loss = _soft_mean(x, tgt, w, cfg.label_smoothing)
+            if value_checks_enabled(loss) and not math.isfinite(loss.item()):
+                raise self._explain_non_finite(pred, tgt)
+            return loss
+        self._check_index_inputs(pred, tgt, weights)
+        t = tgt if tgt.dtype == torch.int64 else tgt.long()
         try:
-            loss, finite = _cross_entropy(
-                pred,
-                tgt,
-                weights,
-                cfg.ignore_index,
-                cfg.label_smoothing,
-                cfg.normalize_across_ranks,
-                read_back,
+            loss, count = _index_mean(
+                x, t, w, cfg.ignore_index, cfg.label_smoothing, cfg.normalize_across_ranks
             )
         except (IndexError, RuntimeError) as exc:
-            if not soft:
-                self._check_range(tgt, pred.shape[1], cause=exc)
+            self._check_range(tgt, pred.shape[1], cause=exc)
             raise
-        if not finite and value_checks_enabled(loss) and not math.isfinite(loss.item()):
-            self._explain_non_finite(pred, tgt)
+        # Non-finite logits give a non-finite loss, except when every element is ignored: the loss is
+        # then 0 but its gradient NaN, so the logits are looked at too.
+        if value_checks_enabled(loss) and (
+            not math.isfinite(loss.item()) or (count.item() == 0 and not bool(torch.isfinite(pred).all()))
+        ):
+            raise self._explain_non_finite(pred, tgt)
         return loss
 
     def _check_index_inputs(
@@ -325,10 +320,10 @@ class CrossEntropy(Criterion):
             ) from cause
         if shape[1] == 0:
             raise InputError(name, "out['pred']", f"has no classes (shape {fmt_shape(shape)})") from cause
-        if tgt.device != pred.device:
-            raise InputError(
-                name, "target['target']", f"on {tgt.device}, but out['pred'] is on {pred.device}"
-            ) from cause
+        try:
+            check_same_device(name, ("out['pred']", pred), ("target['target']", tgt))
+        except InputError as err:
+            raise err from cause
         if tgt.is_floating_point():
             if tgt.shape != shape:
                 raise InputError(
@@ -354,16 +349,14 @@ class CrossEntropy(Criterion):
                 f"{fmt_shape(expected)}, got {fmt_shape(tgt.shape)}",
             ) from cause
 
-    def _explain_non_finite(self, pred: Tensor, tgt: Tensor) -> None:
-        if not bool(torch.isfinite(pred).all()):
-            raise InputError(self.name, "out['pred']", "contains NaN or infinite logits")
-        if tgt.is_floating_point() and not bool(torch.isfinite(tgt).all()):
-            raise InputError(self.name, "target['target']", "contains NaN or infinite probabilities")
-        raise InputError(
+    def _explain_non_finite(self, pred: Tensor, tgt: Tensor) -> InputError:
+        return explain_non_finite(
+            self.name, [("out['pred']", pred), ("target['target']", tgt)]
+        ) or InputError(
             self.name,
             "target['target']",
-            "the loss is not finite: class probabilities must be finite and >= 0 (and class_weights "
-            "must not give every counted element a zero weight)",
+            "the loss is not finite: class probabilities must be finite and >= 0 (and class_weights must "
+            "not give every counted element a zero weight)",
         )
 
     def _check_range(self, tgt: Tensor, num_classes: int, cause: BaseException | None = None) -> None:

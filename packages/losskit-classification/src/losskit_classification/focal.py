@@ -15,7 +15,13 @@ import torch
 from torch import Tensor
 
 from losskit import Criterion, InputError, option
-from losskit.checks import fmt_shape, get_tensor, value_checks_enabled
+from losskit.checks import (
+    check_same_device,
+    explain_non_finite,
+    fmt_shape,
+    get_tensor,
+    value_checks_enabled,
+)
 from losskit.dist import global_mean
 from losskit_ops.focal import (
     Reduction,
@@ -26,6 +32,7 @@ from losskit_ops.focal import (
 
 __all__ = [
     "FocalLoss",
+    "FocalLossConfig",
     "focal_loss",
     "sigmoid_focal_loss",
     "sigmoid_focal_loss_indexed",
@@ -33,12 +40,31 @@ __all__ = [
 ]
 
 
+@dataclass(frozen=True)
+class FocalLossConfig:
+    """The fields of ``focal_loss``: the only place their defaults are written."""
+
+    alpha: float = option(
+        0.25,
+        le=1.0,
+        ge=0.0,
+        negative_disables=True,
+        doc="Weight of the positive targets (1 - alpha for the negatives); negative disables it.",
+    )
+    gamma: float = option(2.0, ge=0.0, doc="Focusing parameter: (1 - p_t) ** gamma scales each element.")
+    normalize_across_ranks: bool = option(
+        False,
+        doc="Divide by the mean element count over DDP ranks instead of the local count "
+        "(only differs when ranks hold batches of different sizes).",
+    )
+
+
 def focal_loss(
     pred: Tensor,
     target: Tensor,
     *,
-    alpha: float = 0.25,
-    gamma: float = 2.0,
+    alpha: float = FocalLossConfig.alpha,
+    gamma: float = FocalLossConfig.gamma,
     reduction: Reduction = "mean",
 ) -> Tensor:
     """Focal loss with dense targets of ``pred``'s shape, or class indices ``(N,)`` for ``(N, C)`` logits.
@@ -61,7 +87,7 @@ def _is_index_target(pred: Tensor, target: Tensor) -> bool:
     )
 
 
-class FocalLoss(Criterion):
+class FocalLoss(Criterion[FocalLossConfig]):
     """Sigmoid focal loss (Lin et al. 2017), the mean over all elements, as torchvision computes it.
 
     ``loss = mean(a_t * (1 - p_t) ** gamma * BCEWithLogits(pred, target))`` over every element of
@@ -82,21 +108,7 @@ class FocalLoss(Criterion):
 
     name: ClassVar[str] = "focal_loss"
 
-    @dataclass(frozen=True)
-    class Config:
-        alpha: float = option(
-            0.25,
-            le=1.0,
-            ge=0.0,
-            negative_disables=True,
-            doc="Weight of the positive targets (1 - alpha for the negatives); negative disables it.",
-        )
-        gamma: float = option(2.0, ge=0.0, doc="Focusing parameter: (1 - p_t) ** gamma scales each element.")
-        normalize_across_ranks: bool = option(
-            False,
-            doc="Divide by the mean element count over DDP ranks instead of the local count "
-            "(only differs when ranks hold batches of different sizes).",
-        )
+    Config = FocalLossConfig
 
     inputs: ClassVar[Mapping[str, str]] = {
         "pred": "(*) logits, any floating dtype",
@@ -116,10 +128,7 @@ class FocalLoss(Criterion):
             side="target",
             expected="targets of pred's shape, or int class indices (N,) for pred (N, C)",
         )
-        if tgt.device != pred.device:
-            raise InputError(
-                name, "target['target']", f"on {tgt.device}, but out['pred'] is on {pred.device}"
-            )
+        check_same_device(name, ("out['pred']", pred), ("target['target']", tgt))
         cfg = self.config
         indexed = _is_index_target(pred, tgt)
         if indexed:
@@ -166,15 +175,10 @@ class FocalLoss(Criterion):
             count = torch.full((), float(pred.numel()), dtype=torch.float64, device=pred.device)  # no copy
             loss = loss / global_mean(count, enabled=True, min=1e-12).to(loss.dtype)
         if value_checks_enabled(loss) and not math.isfinite(loss.item()):
-            self._explain_non_finite(pred, tgt, indexed)
+            raise explain_non_finite(name, [("out['pred']", pred), ("target['target']", tgt)]) or InputError(
+                name, "target['target']", "the loss is not finite; targets must be in [0, 1]"
+            )
         return loss
-
-    def _explain_non_finite(self, pred: Tensor, tgt: Tensor, indexed: bool) -> None:
-        if not bool(torch.isfinite(pred).all()):
-            raise InputError(self.name, "out['pred']", "contains NaN or infinite logits")
-        if not indexed and tgt.is_floating_point() and not bool(torch.isfinite(tgt).all()):
-            raise InputError(self.name, "target['target']", "contains NaN or infinite values")
-        raise InputError(self.name, "target['target']", "the loss is not finite; targets must be in [0, 1]")
 
     def example(
         self,

@@ -3,7 +3,12 @@
 
 from __future__ import annotations
 
-from losskit_detection_retinanet.retinanet import RetinaNetLoss, RetinaNetLossOutput, retinanet_loss
+from losskit_detection_retinanet.retinanet import (
+    RetinaNetLoss,
+    RetinaNetLossConfig,
+    RetinaNetLossOutput,
+    retinanet_loss,
+)
 
-__all__ = ["RetinaNetLoss", "RetinaNetLossOutput", "retinanet_loss"]
+__all__ = ["RetinaNetLoss", "RetinaNetLossConfig", "RetinaNetLossOutput", "retinanet_loss"]
 __version__ = "0.1.0"

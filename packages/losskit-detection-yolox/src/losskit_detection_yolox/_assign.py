@@ -12,9 +12,13 @@ host-device synchronisation at all. Both give the same assignment.
 
 Memory: about 20 bytes per (ground truth, candidate slot) pair at the peak of the matching, plus
 ``(B, C, K)`` for the class part of the cost (nothing is ``N x K x C``). ``K`` is at most
-``min(A, n_max * sum_l min(H_l, m) * min(W_l, m))`` with ``m = ceil(2 * center_radius) + 1`` for
-``A`` anchors and ``n_max`` the most boxes in one image (``min(A, 48 n_max)`` with YOLOX's three levels
-and radius 1.5).
+``min(A, n_max * sum_l n_l * min(H_l, m) * min(W_l, m))`` with ``m = ceil(2 * center_radius) + 1`` for
+``A`` anchors, ``n_l`` anchors per cell of level ``l`` (1 for YOLOX) and ``n_max`` the most boxes in one
+image (``min(A, 48 n_max)`` with YOLOX's three levels and radius 1.5).
+
+The anchors may be grid cells (YOLOX) or several sized anchors per cell (YOLO-Fastest): the centre
+prior is the cell's in both cases, and the boxes given to :func:`simota_match` are already decoded, so
+one assignment serves both losses.
 """
 
 from __future__ import annotations
@@ -48,7 +52,11 @@ IOU_COST_EPS = 1e-8
 
 @dataclass(frozen=True)
 class AnchorGrid:
-    """The anchor points (grid cells) of all pyramid levels, flattened level by level, row-major.
+    """The anchors of all pyramid levels, flattened level by level, then anchor, row, column.
+
+    An anchor-free level (YOLOX) has one anchor per grid cell; an anchor-based level (YOLO-Fastest) has
+    ``n_l`` per cell, each with its own size. The centre prior depends on the cell only, so the anchors
+    of a cell are candidates of the same ground truths.
 
     Attributes:
         x, y: ``(A,)`` float32 cell column / row within its level.
@@ -56,6 +64,8 @@ class AnchorGrid:
         shapes: ``(H_l, W_l)`` per level.
         strides: ``(stride_y, stride_x)`` per level, as Python floats.
         offsets: index of each level's first anchor.
+        per_cell: anchors per cell of each level (1 for anchor-free levels).
+        sizes: ``(A, 2)`` float32 anchor ``(w, h)`` in pixels, or None for anchor-free levels.
     """
 
     x: Tensor
@@ -65,6 +75,8 @@ class AnchorGrid:
     shapes: tuple[tuple[int, int], ...]
     strides: tuple[tuple[float, float], ...]
     offsets: tuple[int, ...]
+    per_cell: tuple[int, ...]
+    sizes: Tensor | None = None
 
     @property
     def num_anchors(self) -> int:
@@ -76,19 +88,26 @@ class AnchorGrid:
         shapes: Sequence[tuple[int, int]],
         strides: Sequence[tuple[float, float]],
         device: torch.device,
+        anchor_sizes: Sequence[Sequence[tuple[float, float]]] | None = None,
     ) -> AnchorGrid:
-        """Anchors for levels of ``shapes`` ``(H_l, W_l)`` with ``strides`` ``(s_y, s_x)``."""
-        xs, ys, sxs, sys_, offsets = [], [], [], [], []
+        """Anchors for levels of ``shapes`` ``(H_l, W_l)`` with ``strides`` ``(s_y, s_x)``: one per cell,
+        or, with ``anchor_sizes``, one per cell and size ``(w, h)`` (pixels) of the level's list."""
+        xs, ys, sxs, sys_, whs, offsets, per_cell = [], [], [], [], [], [], []
         start = 0
-        for (h, w), (sy, sx) in zip(shapes, strides):
+        for i, ((h, w), (sy, sx)) in enumerate(zip(shapes, strides)):
+            n = 1 if anchor_sizes is None else len(anchor_sizes[i])
             offsets.append(start)
+            per_cell.append(n)
             row = torch.arange(h, device=device, dtype=torch.float32)
             col = torch.arange(w, device=device, dtype=torch.float32)
-            ys.append(row.repeat_interleave(w))
-            xs.append(col.repeat(h))
-            sxs.append(torch.full((h * w,), sx, device=device, dtype=torch.float32))
-            sys_.append(torch.full((h * w,), sy, device=device, dtype=torch.float32))
-            start += h * w
+            ys.append(row.repeat_interleave(w).repeat(n))
+            xs.append(col.repeat(h * n))
+            sxs.append(torch.full((n * h * w,), sx, device=device, dtype=torch.float32))
+            sys_.append(torch.full((n * h * w,), sy, device=device, dtype=torch.float32))
+            if anchor_sizes is not None:
+                wh = torch.tensor(anchor_sizes[i], dtype=torch.float32).reshape(n, 2).to(device)
+                whs.append(wh.repeat_interleave(h * w, dim=0))
+            start += n * h * w
         return cls(
             torch.cat(xs),
             torch.cat(ys),
@@ -97,6 +116,8 @@ class AnchorGrid:
             tuple((int(h), int(w)) for h, w in shapes),
             tuple((float(sy), float(sx)) for sy, sx in strides),
             tuple(offsets),
+            tuple(per_cell),
+            torch.cat(whs) if anchor_sizes is not None else None,
         )
 
 
@@ -109,12 +130,17 @@ class GroundTruths:
         labels: ``(N,)`` int64 classes.
         image: ``(N,)`` int64 image of each row (rows of an image are consecutive, in input order).
         counts: boxes per image (host ints).
+        valid: ``(N,)`` bool, or None for all valid. An invalid row (a label outside ``[0, C)``, an
+            inverted or non-finite box) stays in place, so that no count is read back, but takes part
+            in nothing: it has no candidate and matches no anchor, as if the image did not have it.
+            Its box and label must be finite and in range (the caller replaces them).
     """
 
     boxes: Tensor
     labels: Tensor
     image: Tensor
     counts: tuple[int, ...]
+    valid: Tensor | None = None
 
     @property
     def max_count(self) -> int:
@@ -216,7 +242,7 @@ def _candidate_union(gts: GroundTruths, batch_size: int, grid: AnchorGrid, radiu
     steps = torch.arange(n, device=cx.device)
     limit = float(2**24)  # keeps float -> int conversion defined for absurd coordinates
     chunks = []
-    for (h, w), (sy, sx), off in zip(grid.shapes, grid.strides, grid.offsets):
+    for (h, w), (sy, sx), off, per_cell in zip(grid.shapes, grid.strides, grid.offsets, grid.per_cell):
         cols = (cx / sx - 0.5 - radius).clamp(-limit, limit).floor().long()[:, None] - 1 + steps  # (N, n)
         rows = (cy / sy - 0.5 - radius).clamp(-limit, limit).floor().long()[:, None] - 1 + steps
         ok = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
@@ -231,6 +257,12 @@ def _candidate_union(gts: GroundTruths, batch_size: int, grid: AnchorGrid, radiu
             radius,
         )
         keep = ok.flatten(1) & inside
+        if gts.valid is not None:
+            keep &= gts.valid[:, None]
+        if per_cell > 1:  # the cell's other anchors follow at multiples of h * w: the same prior
+            shift = torch.arange(per_cell, device=cx.device)[None, :, None] * (h * w)
+            cells = (cells[:, None, :] + shift).flatten(1)
+            keep = keep[:, None, :].expand(-1, per_cell, -1).flatten(1)
         chunks.append(torch.where(keep, cells, a) + gts.image[:, None] * (a + 1))
     union = torch.zeros(batch_size * (a + 1), dtype=torch.bool, device=cx.device)
     if chunks and gts.image.shape[0]:
@@ -243,10 +275,11 @@ def candidate_capacity(max_count: int, grid: AnchorGrid, radius: float) -> int:
 
     Along each axis the centre prior ``|(x + 0.5) s - c| < radius * s`` holds for at most
     ``ceil(2 radius)`` cells (one more is allowed for rounding at the open ends), so a ground truth has
-    at most ``sum_l min(W_l, m) * min(H_l, m)`` candidate cells with ``m = ceil(2 radius) + 1``.
+    at most ``sum_l n_l * min(W_l, m) * min(H_l, m)`` candidate anchors with ``m = ceil(2 radius) + 1``
+    and ``n_l`` anchors per cell.
     """
     m = math.ceil(2 * radius) + 1
-    per_gt = sum(min(h, m) * min(w, m) for h, w in grid.shapes)
+    per_gt = sum(n * min(h, m) * min(w, m) for (h, w), n in zip(grid.shapes, grid.per_cell))
     return min(grid.num_anchors, max_count * per_gt)
 
 
@@ -334,7 +367,9 @@ def _pairwise_iou(gt: Tensor, boxes: Tensor, image: Tensor) -> Tensor:
 
     inter, ex = overlap(0)
     iy, ey = overlap(1)
-    inter.mul_(iy).mul_(ex.logical_and_(ey))
+    # zero where the boxes do not overlap: a fill, not a product with the mask (inf * 0 is NaN when a
+    # box lies ~1e19 pixels away)
+    inter.mul_(iy).masked_fill_(ex.logical_and_(ey).logical_not_(), 0.0)
     del iy, ey, ex
     area_b = (boxes[..., 2] * boxes[..., 3])[image]
     union = area_b.add_(gt[:, 2, None] * gt[:, 3, None]).sub_(inter)  # area_g + area_b - inter
@@ -390,6 +425,8 @@ def simota_match(
 
     # 1. each ground truth against its image's candidate slots: (N, K)
     pair_valid = valid[img]
+    if gts.valid is not None:  # an invalid ground truth has no candidate: as if absent
+        pair_valid &= gts.valid[:, None]
     prior = _pairwise_prior(gt, grid, index, img, center_radius)
     iou = _pairwise_iou(gt, boxes.float(), img).masked_fill_(~pair_valid, 0.0)
 
@@ -413,7 +450,10 @@ def simota_match(
     # 3. dynamic k per ground truth, then its k lowest-cost candidates
     top = min(candidate_topk, k)
     dynamic_k = torch.topk(iou, top, dim=1).values.sum(1).int().clamp_(min=1)
-    dynamic_k = torch.where(count[img] > 0, dynamic_k, 0)
+    has_candidates = count[img] > 0
+    if gts.valid is not None:
+        has_candidates &= gts.valid
+    dynamic_k = torch.where(has_candidates, dynamic_k, 0)
     chosen = torch.topk(cost, top, dim=1, largest=False).indices  # (N, top), ascending cost
     matching = torch.zeros(n, k, dtype=torch.bool, device=device)
     matching.scatter_(1, chosen, torch.arange(top, device=device) < dynamic_k[:, None])

@@ -73,7 +73,7 @@ class _UpsampledCESum(torch.autograd.Function):
         rows_first: Tensor,
         labels: Tensor,
         nll_weight: Tensor,
-        both_weight: Tensor,
+        lse_weight: Tensor | None,
         weights: Tensor,
         plan: Plan,
         images: int,
@@ -109,7 +109,8 @@ class _UpsampledCESum(torch.autograd.Function):
                 sumexp = shifted.sum(dim=2)
                 lse = sumexp.log().add_(top.squeeze(2))
                 lab = labels[b0:b1, a:b].unsqueeze(2)
-                w_nll, w_both = nll_weight[b0:b1, a:b], both_weight[b0:b1, a:b]
+                w_nll = nll_weight[b0:b1, a:b]
+                w_both = w_nll if lse_weight is None else w_nll + lse_weight[b0:b1, a:b]
                 # sum of w_nll * (lse - picked) + w_lse * lse, with w_both = w_nll + w_lse
                 total += (w_both * lse).sum() - (w_nll * up.gather(2, lab).squeeze(2)).sum()
                 if grad_wide is None:
@@ -164,7 +165,7 @@ def upsampled_ce_sum(
         return logits.reshape(-1)[:0].sum()
     dtype = logits.dtype
     nll_weight = nll_weight.to(dtype)
-    both_weight = nll_weight if lse_weight is None else nll_weight + lse_weight.to(dtype)
+    lse_weight = None if lse_weight is None else lse_weight.to(dtype)
     budget = band_elements if band_elements is not None else band_budget(logits.device)
     images, rows = _blocks(batch, channels * out_w, budget)
     plan = band_plan(in_h, out_h, align_corners, rows)
@@ -172,6 +173,6 @@ def upsampled_ce_sum(
     with autocast_off(logits.device):
         rows_first = logits.transpose(1, 2).contiguous()  # (B, h, C, w)
         result: Tensor = _UpsampledCESum.apply(
-            rows_first, labels, nll_weight, both_weight, weights, plan, images, align_corners
+            rows_first, labels, nll_weight, lse_weight, weights, plan, images, align_corners
         )
     return result

@@ -13,8 +13,9 @@ governed by the ``LOSSKIT_VALUE_CHECKS`` environment variable or :func:`set_valu
 
 from __future__ import annotations
 
+import numbers
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -24,11 +25,14 @@ from losskit.errors import ConfigError, InputError
 
 __all__ = [
     "check_same_device",
+    "explain_non_finite",
     "fmt_shape",
     "get_box_targets",
     "get_tensor",
+    "integral_scalar",
     "missing_key_error",
     "reads_are_free",
+    "real_scalar",
     "set_value_checks",
     "value_checks_enabled",
 ]
@@ -114,6 +118,22 @@ def check_same_device(
                 name,
                 f"is on {t.device}, but {ref_name} is on {ref.device}; move both to the same device",
             )
+
+
+def explain_non_finite(
+    criterion: str, named_tensors: Iterable[tuple[str, Tensor | None]]
+) -> InputError | None:
+    """The :class:`InputError` naming the first of ``named_tensors`` (``("out['pred']", pred)`` pairs)
+    that holds NaN or inf, or ``None`` when every one is finite (``None`` entries are skipped).
+
+    For a criterion whose loss came out non-finite, to name the input behind it:
+    ``raise explain_non_finite(name, [("out['pred']", pred), ...]) or InputError(name, key, why)``.
+    It reads values (a host sync on accelerators): call it only where value checks run.
+    """
+    for where, t in named_tensors:
+        if t is not None and not bool(torch.isfinite(t).all()):
+            return InputError(criterion, where, "contains non-finite values (NaN or inf)")
+    return None
 
 
 def get_tensor(
@@ -204,3 +224,38 @@ def get_box_targets(
         boxes_list.append(boxes)
         labels_list.append(labels)
     return boxes_list, labels_list
+
+
+def _integral_value(value: Any) -> int | None:
+    if isinstance(value, bool):  # numpy's bool is no numbers.Integral either
+        return None
+    if isinstance(value, Tensor):
+        if value.dim() != 0 or value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
+            return None
+        return int(value.item())  # a 0-d integer tensor (a read: free for the usual CPU tensor)
+    if isinstance(value, numbers.Integral):  # int, numpy integers
+        return int(value)
+    return None
+
+
+def integral_scalar(value: Any) -> int | None:
+    """``value`` as an ``int`` when it is an integral scalar (``int``, a numpy integer, a 0-d integer
+    tensor), else ``None``; ``bool`` is not an integer here."""
+    return _integral_value(value)
+
+
+def real_scalar(value: Any) -> float | None:
+    """``value`` as a ``float`` when it is a real scalar (``int``, ``float``, a numpy number, a 0-d
+    integer or floating tensor), else ``None``; ``bool`` and complex values are not."""
+    as_int = _integral_value(value)
+    if as_int is not None:
+        return float(as_int)
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, Tensor):
+        if value.dim() != 0 or not value.is_floating_point():
+            return None
+        return float(value.item())
+    if isinstance(value, numbers.Real):  # float, numpy floating
+        return float(value)
+    return None

@@ -10,6 +10,7 @@ from typing import Any, NoReturn
 import torch
 from torch import Tensor, nn
 
+from losskit.checks import integral_scalar
 from losskit.config import load_config, unexpected_keyword_message
 from losskit.criterion import Criterion, LossTerms
 from losskit.errors import ConfigError, LosskitError, Problem
@@ -134,9 +135,12 @@ class CompositeLoss(nn.Module):
         return value
 
     def set_epoch(self, epoch: int) -> None:
-        """Pass the current epoch to every criterion."""
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        """Pass the current epoch (any integral scalar >= 0, as :meth:`Criterion.set_epoch`) to every
+        criterion."""
+        value = integral_scalar(epoch)
+        if value is None or value < 0:
             raise ConfigError(f"set_epoch expects an int >= 0, got {epoch!r}")
+        epoch = value
         for criterion in self.criteria.values():
             criterion.set_epoch(epoch)  # type: ignore[operator]
 

@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""YAML loss-config loader with precise, complete error reports.
+"""Loss-config loader (YAML, or any mapping or sequence such as OmegaConf's) with precise, complete
+error reports.
 
 Accepted layouts (all equivalent)::
 
@@ -9,7 +10,8 @@ Accepted layouts (all equivalent)::
 
 Each entry: ``criterion`` (required), ``weight`` (float >= 0, null/absent = 1.0), ``name`` (optional, the
 key it is logged under; default the criterion name; unique), and the criterion's own fields.
-YAML is read with a safe loader: tags such as ``!!python/object`` are rejected.
+YAML is read with a safe loader: tags such as ``!!python/object`` are rejected. Mappings and sequences
+(OmegaConf and Hydra configs included) are read by :mod:`losskit._containers`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from losskit._containers import UNRESOLVED, ContainerReader, TooLarge, is_sequence, root_path
 from losskit.errors import ConfigError, CriterionConflictError, Problem
 from losskit.registry import CriterionInfo, Registry, get_registry
 from losskit.schema import field_names, validate_config
@@ -57,7 +60,14 @@ class LossEntry:
 
 @dataclass
 class LossConfig:
-    """A validated loss config: its entries and where it came from."""
+    """A validated loss config: its entries and where it came from.
+
+    Attributes:
+        entries: the validated entries, in config order.
+        source: the YAML file it was read from, if any.
+        raw: the config as given (parsed YAML, or the mapping or sequence passed in).
+        lines: YAML line of each key path, where known.
+    """
 
     entries: list[LossEntry]
     source: str | None = None
@@ -65,8 +75,8 @@ class LossConfig:
     lines: dict[PathKey, int] = field(default_factory=dict, repr=False)
 
 
-def _fmt_path(path: PathKey) -> str:
-    text = ""
+def _fmt_path(path: PathKey, prefix: str = "") -> str:
+    text = prefix
     for part in path:
         text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
     return text
@@ -202,89 +212,137 @@ def load_config(
     """Load and validate a loss config.
 
     Args:
-        source: a YAML file path (``str`` or ``os.PathLike``), a YAML string, a mapping, a list of entries,
-            or a :class:`LossConfig` (re-validated).
+        source: a YAML file path (``str`` or ``os.PathLike``), a YAML string, any mapping or sequence
+            (``dict``, ``list``, OmegaConf ``DictConfig``/``ListConfig`` with interpolations resolved, a
+            Hydra config), or a :class:`LossConfig` (re-validated).
         registry: where criteria are looked up (default: the process-wide registry).
         overrides: field values applied to every entry whose criterion declares that field, over the
             config's values; a key that no criterion declares is an error.
 
     Raises:
-        ConfigError: listing every problem, each with its location.
+        ConfigError: listing every problem, each with its location: file and line for YAML, the key
+            path from the config's root for mappings (OmegaConf keeps no line numbers).
     """
     registry = registry if registry is not None else get_registry()
-    problems: list[Problem] = []
-    src_name: str | None = None
-    lines: dict[PathKey, int] = {}
-    key_lines: dict[PathKey, int] = {}
+    data, src_name, lines, key_lines = _source_data(source)
+    report = _Reporter(src_name, lines, key_lines, root_path(data))
+    reader = ContainerReader(report.unreadable, _MAX_NODES)
+    try:
+        plain = reader.top(data)
+    except TooLarge:
+        raise ConfigError([Problem(TOP, f"the config has more than {_MAX_NODES} nodes")]) from None
+    fields = _plain_overrides(overrides, report)
+    entries_path, entries = _locate_losses(plain, report)
+    result: list[LossEntry] = []
+    if entries is not None:
+        result = _validate_entries(entries, entries_path, registry, fields, report)
+    if report.problems:
+        raise ConfigError(report.problems)
+    return LossConfig(result, src_name, data, {**lines, **key_lines})
+
+
+def _source_data(source: Any) -> tuple[Any, str | None, dict[PathKey, int], dict[PathKey, int]]:
+    """``(data, source name, value lines, key lines)`` of any accepted source; YAML is parsed here."""
     if isinstance(source, LossConfig):
-        data, src_name, lines = source.raw, source.source, dict(source.lines)
-        key_lines = lines
-    elif isinstance(source, (os.PathLike, str)) and (
-        isinstance(source, os.PathLike) or _looks_like_path(source)
-    ):
-        path = Path(source)
-        src_name = str(source)
+        return source.raw, source.source, dict(source.lines), dict(source.lines)
+    if isinstance(source, Mapping) or is_sequence(source):
+        return source, None, {}, {}
+    name: str | None = None
+    if isinstance(source, os.PathLike) or (isinstance(source, str) and _looks_like_path(source)):
+        name = str(source)
         try:
-            text = path.read_text(encoding="utf-8")
+            text = Path(source).read_text(encoding="utf-8")
         except FileNotFoundError:
-            raise ConfigError([Problem("", f"config file not found: {str(source)!r}")]) from None
+            raise ConfigError([Problem("", f"config file not found: {name!r}")]) from None
         except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError([Problem("", f"cannot read config file {str(source)!r}: {exc}")]) from None
-        data, lines, key_lines = _parse_yaml(text, src_name, problems)
-    elif isinstance(source, str):
-        data, lines, key_lines = _parse_yaml(source, None, problems)
-    elif isinstance(source, bytes):
-        data, lines, key_lines = _parse_yaml(source.decode("utf-8", "replace"), None, problems)
-    elif isinstance(source, (Mapping, list, tuple)):
-        data = source
+            raise ConfigError([Problem("", f"cannot read config file {name!r}: {exc}")]) from None
+    elif isinstance(source, (str, bytes)):
+        text = source if isinstance(source, str) else source.decode("utf-8", "replace")
     else:
         raise ConfigError(
             [
                 Problem(
-                    TOP, f"expected a YAML path or string, a mapping or a list, got {type(source).__name__}"
+                    TOP,
+                    "expected a YAML path or string, a mapping or a sequence (e.g. an OmegaConf "
+                    f"DictConfig or ListConfig), got {type(source).__name__}",
                 )
             ]
         )
+    problems: list[Problem] = []
+    data, lines, key_lines = _parse_yaml(text, name, problems)
     if problems:
         raise ConfigError(problems)
+    return data, name, lines, key_lines
 
-    def report(
+
+def _plain_overrides(overrides: Any, report: _Reporter) -> dict[str, Any]:
+    """``overrides`` as a plain dict (OmegaConf values resolved); reports anything else."""
+    if overrides is None:
+        return {}
+    if not isinstance(overrides, Mapping):
+        report.outside(f"expected a mapping of field values, got {_given(overrides)}")
+        return {}
+    reader = ContainerReader(lambda path, why: report.outside(f"{_fmt_path(path)}: {why}"), _MAX_NODES)
+    plain = reader.read(overrides, ())
+    return {k: v for k, v in plain.items() if v is not UNRESOLVED}
+
+
+class _Reporter:
+    """Collects problems located by key path (prefixed with where an OmegaConf node sits in its root)
+    and, for YAML, by file and line. A problem under a node that could not be read is dropped: that
+    node's own problem says what is wrong."""
+
+    def __init__(
+        self, source: str | None, lines: dict[PathKey, int], key_lines: dict[PathKey, int], prefix: str
+    ) -> None:
+        self.source = source
+        self.lines = lines
+        self.key_lines = key_lines
+        self.prefix = prefix
+        self.problems: list[Problem] = []
+        self._unresolved: list[str] = []
+
+    def text(self, path: PathKey) -> str:
+        """``model.losses[0].gamma``: the key path as the user's config spells it."""
+        return _fmt_path(path, self.prefix)
+
+    def __call__(
+        self,
         path: PathKey,
         message: str,
         *,
-        key: bool = False,
         criterion: str | None = None,
         line_of: PathKey | None = None,
-        overrides: bool = False,
     ) -> None:
-        if overrides:  # not in the config: build_losses' (or load_config's) `overrides` argument
-            problems.append(Problem("overrides", message))
+        text = self.text(path)
+        if any(text == u or text.startswith((f"{u}.", f"{u}[")) for u in self._unresolved):
             return
-        line = key_lines.get(line_of) if line_of is not None else None
-        line = line or key_lines.get(path) or lines.get(path)
+        line = self.key_lines.get(line_of) if line_of is not None else None
+        line = line or self.key_lines.get(path) or self.lines.get(path)
         probe = path
         while line is None and probe:
             probe = probe[:-1]
-            line = lines.get(probe)
-        problems.append(Problem(_fmt_path(path) or TOP, message, src_name, line, criterion))
+            line = self.lines.get(probe)
+        self.problems.append(Problem(text or TOP, message, self.source, line, criterion))
 
-    entries_path, entries = _locate_losses(data, report)
-    result: list[LossEntry] = []
-    if entries is not None:
-        result = _validate_entries(entries, entries_path, registry, overrides or {}, report)
-    if problems:
-        raise ConfigError(problems)
-    return LossConfig(result, src_name, data, {**lines, **key_lines})
+    def unreadable(self, path: PathKey, message: str) -> None:
+        """A node that could not be read: report it, and nothing else under it."""
+        self(path, message)
+        self._unresolved.append(self.text(path))
+
+    def outside(self, message: str) -> None:
+        """A problem with ``overrides``, which is not part of the config."""
+        self.problems.append(Problem("overrides", message))
 
 
-def _locate_losses(data: Any, report: Any) -> tuple[PathKey, Any]:
+def _locate_losses(data: Any, report: _Reporter) -> tuple[PathKey, Any]:
     if isinstance(data, (list, tuple)):
         path: PathKey = ()
         losses = data
     elif isinstance(data, Mapping):
         if "model" in data and isinstance(data["model"], Mapping) and "losses" in data["model"]:
             if "losses" in data:
-                report(("losses",), "both 'losses' and 'model.losses' are given; keep one", key=True)
+                report(("losses",), "both 'losses' and 'model.losses' are given; keep one")
                 return (), None
             path, losses = ("model", "losses"), data["model"]["losses"]
         elif "losses" in data:
@@ -319,7 +377,7 @@ def _validate_entries(
     base: PathKey,
     registry: Registry,
     overrides: Mapping[str, Any],
-    report: Any,
+    report: _Reporter,
 ) -> list[LossEntry]:
     result: list[LossEntry] = []
     names: dict[str, int] = {}
@@ -338,13 +396,13 @@ def _validate_entries(
         config = _check_fields(entry, path, info, overrides, report)
         if config is None or weight is None or name is None:
             continue
-        result.append(LossEntry(name, info.name, weight, config, info, _fmt_path(path)))
+        result.append(LossEntry(name, info.name, weight, config, info, report.text(path)))
     _check_overrides(overrides, declared, report)
     return result
 
 
 def _check_criterion(
-    entry: Mapping[str, Any], path: PathKey, registry: Registry, report: Any
+    entry: Mapping[str, Any], path: PathKey, registry: Registry, report: _Reporter
 ) -> CriterionInfo | None:
     """The registered criterion an entry names, or ``None`` after reporting why not."""
     if "criterion" not in entry:
@@ -361,7 +419,7 @@ def _check_criterion(
         return None
 
 
-def _check_weight(entry: Mapping[str, Any], path: PathKey, report: Any) -> float | None:
+def _check_weight(entry: Mapping[str, Any], path: PathKey, report: _Reporter) -> float | None:
     """The entry's weight (absent or null: 1.0), or ``None`` after reporting a bad one."""
     weight = entry.get("weight")
     if weight is None:
@@ -377,7 +435,9 @@ def _check_weight(entry: Mapping[str, Any], path: PathKey, report: Any) -> float
     return None
 
 
-def _check_name(entry: Mapping[str, Any], path: PathKey, names: dict[str, int], report: Any) -> str | None:
+def _check_name(
+    entry: Mapping[str, Any], path: PathKey, names: dict[str, int], report: _Reporter
+) -> str | None:
     """The entry's unique name (default: its criterion), or ``None`` after reporting a problem.
 
     ``names`` maps the names seen so far to their entry index; a new unique name is added.
@@ -395,7 +455,7 @@ def _check_name(entry: Mapping[str, Any], path: PathKey, names: dict[str, int], 
     if name in names:
         report(
             (*path, "name") if "name" in entry else (*path, "criterion"),
-            f"duplicate loss name {name!r} (also at {_fmt_path((*path[:-1], names[name]))}); "
+            f"duplicate loss name {name!r} (also at {report.text((*path[:-1], names[name]))}); "
             "give one of them a distinct 'name'",
         )
         return None
@@ -404,11 +464,16 @@ def _check_name(entry: Mapping[str, Any], path: PathKey, names: dict[str, int], 
 
 
 def _check_fields(
-    entry: Mapping[str, Any], path: PathKey, info: CriterionInfo, overrides: Mapping[str, Any], report: Any
+    entry: Mapping[str, Any],
+    path: PathKey,
+    info: CriterionInfo,
+    overrides: Mapping[str, Any],
+    report: _Reporter,
 ) -> Any:
     """The criterion's validated ``Config`` (overrides applied), or ``None`` after reporting problems."""
     declared = field_names(info.cls.Config)
-    fields = {k: v for k, v in entry.items() if k not in RESERVED}
+    # a value holding a node that could not be read is left out: that node's problem is reported
+    fields = {k: v for k, v in entry.items() if k not in RESERVED and not _holds_unresolved(v)}
     fields.update({k: v for k, v in overrides.items() if k in declared})
 
     def field_report(fname: str, message: str) -> None:
@@ -420,8 +485,16 @@ def _check_fields(
     return validate_config(info.cls.Config, fields, report=field_report)
 
 
+def _holds_unresolved(value: Any) -> bool:
+    if value is UNRESOLVED:
+        return True
+    if isinstance(value, Mapping):
+        return any(_holds_unresolved(v) for v in value.values())
+    return isinstance(value, list) and any(_holds_unresolved(v) for v in value)
+
+
 def _check_overrides(
-    overrides: Mapping[str, Any], declared: Mapping[str, Sequence[str]], report: Any
+    overrides: Mapping[str, Any], declared: Mapping[str, Sequence[str]], report: _Reporter
 ) -> None:
     """Report each override that no criterion of the config declares."""
     for key in overrides:
@@ -430,7 +503,7 @@ def _check_overrides(
         listing = "; ".join(f"{c}: {', '.join(f) or '(none)'}" for c, f in declared.items()) or "none"
         message = f"{key!r} is not a field of any criterion in the config ({listing})"
         hint = _epoch_hint(key)
-        report((), f"{message}; {hint}" if hint else message, overrides=True)
+        report.outside(f"{message}; {hint}" if hint else message)
 
 
 _EPOCH_RE = re.compile(r"^(cur|curr|current|start|init|initial)?_?epoch(_?(idx|index|num|number))?$", re.I)

@@ -10,6 +10,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 import torch
 from torch import Tensor, nn
 
+from losskit.checks import integral_scalar
 from losskit.errors import ConfigError, LosskitError, Problem
 from losskit.schema import validate_config
 
@@ -113,10 +114,12 @@ class Criterion(nn.Module, Generic[ConfigT]):
         return self.diagnostics
 
     def set_epoch(self, epoch: int) -> None:
-        """Tell the criterion the current training epoch (0-based)."""
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        """Tell the criterion the current training epoch (0-based): any integral scalar ``>= 0`` (an
+        ``int``, a numpy integer, a 0-d integer tensor), stored as an ``int``."""
+        value = integral_scalar(epoch)
+        if value is None or value < 0:
             raise ConfigError(f"{self.name}: set_epoch expects an int >= 0, got {epoch!r}")
-        self.epoch = epoch
+        self.epoch = value
 
     def example(
         self,

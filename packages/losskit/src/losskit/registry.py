@@ -46,8 +46,12 @@ FIRST_PARTY: dict[str, str] = {
     "cross_entropy": "losskit-classification",
     "focal_loss": "losskit-classification",
     "yolox_loss": "losskit-detection-yolox",
+    "yolofastest_loss": "losskit-detection-yolox",
     "retinanet_loss": "losskit-detection-retinanet",
     "pidnet_loss": "losskit-segmentation-pidnet",
+    "detr_loss": "losskit-detection-detr",
+    "rtmcc_loss": "losskit-pose-rtmcc",
+    "yolov9_loss": "losskit-detection-yolov9",
     "seg_cross_entropy": "losskit-segmentation",
 }
 

@@ -9,6 +9,9 @@
   is bounded by ``timeout``.
 * :func:`no_host_sync` fails a CUDA block that synchronises with the host.
 * :func:`assert_defaults_match` checks that a functional form takes its defaults from the config.
+* :func:`check_robustness` runs a criterion's ``example()`` through the robustness matrix (missing
+  keys, dtypes, ranks, an empty batch, degenerate boxes, out-of-range labels, NaN/inf, layouts, another
+  device, two threads), with value checks on and off; every plugin's tests call it.
 """
 
 from __future__ import annotations
@@ -27,7 +30,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-__all__ = ["assert_defaults_match", "no_host_sync", "run_on_ranks"]
+from losskit._robustness import RobustnessReport, check_robustness
+
+__all__ = [
+    "RobustnessReport",
+    "assert_defaults_match",
+    "check_robustness",
+    "no_host_sync",
+    "run_on_ranks",
+]
 
 
 def _free_port() -> int:
