@@ -189,3 +189,24 @@ def test_fp32_near_convergence_against_fp64() -> None:
     assert float(ref["x"] + ref["y"]) < 1e-3  # nearly converged
     torch.testing.assert_close(value.double(), (ref["x"] + ref["y"]).detach(), rtol=2e-4, atol=0)
     assert float((g32.double() - g64).abs().max() / g64.abs().max()) < 2e-5
+
+
+def test_row_blocks_give_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPU blocks of rows (here 3 rows of 32 + 24 bins, the last block shorter) change nothing."""
+    import losskit_pose_rtmcc._simcc as simcc
+
+    pred, keypoints = make_batch(3, 5, (16, 12), 2.0, dtype=torch.float64, seed=8)
+    crit = RTMCCLoss(input_size=(16, 12), sigma=(2.0, 1.5))
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        terms = crit({"pred": pred}, {"keypoints": keypoints})
+        total = terms["x"] + 2.0 * terms["y"]
+        (grad,) = torch.autograd.grad(total, pred)
+        return total.detach(), grad
+
+    whole = run()
+    monkeypatch.setattr(simcc, "CPU_BLOCK", 3 * 32)
+    assert len(simcc._blocks(15, 32, pred.device)) == 5 and simcc._blocks(15, 24, pred.device)[-1] == (12, 15)
+    blocked = run()
+    torch.testing.assert_close(blocked[0], whole[0], rtol=1e-14, atol=0)
+    torch.testing.assert_close(blocked[1], whole[1], rtol=1e-14, atol=1e-17)
