@@ -23,6 +23,7 @@ PLUGINS = (
     "segmentation-pidnet",
     "detection-detr",
     "pose-rtmcc",
+    "detection-yolov9",
 )
 #: Distributions below the plugins (no criterion of their own) that a plugin's session also installs.
 LIBRARIES = ("ops",)

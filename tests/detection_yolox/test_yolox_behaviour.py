@@ -217,7 +217,7 @@ def test_term_and_diagnostic_keys_never_change(counts: list[int], epoch: int) ->
     crit.set_epoch(epoch)
     terms = crit(out, target)
     assert tuple(terms) == crit.term_names() == ("iou", "obj", "cls", "l1")
-    assert tuple(terms.diagnostics) == crit.diagnostic_names() == ("num_fg", "l1_active")
+    assert tuple(terms.diagnostics) == crit.diagnostic_names() == ("num_fg", "l1_active", "invalid_targets")
     assert all(t.dim() == 0 and t.dtype == torch.float32 for t in terms.values())
     assert all(t.requires_grad for t in terms.values())
 

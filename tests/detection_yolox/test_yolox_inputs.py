@@ -74,7 +74,7 @@ BAD: list[tuple[str, Callable[..., Any], str, str]] = [
         "dtype-mismatch",
         lambda o, t: o["pred"].__setitem__(1, torch.zeros(2, 8, 4, 4, dtype=torch.float64)),
         "out['pred'][1]",
-        "dtype/device",
+        "differs from out['pred'][0]",
     ),
     (
         "non-finite-pred",
@@ -164,7 +164,7 @@ BAD: list[tuple[str, Callable[..., Any], str, str]] = [
     ("img-size-three", lambda o, t: t.update(img_size=(64, 64, 3)), "target['img_size']", "(H, W)"),
     (
         "img-size-tensor",
-        lambda o, t: t.update(img_size=torch.tensor(64)),
+        lambda o, t: t.update(img_size=torch.tensor([64, 64, 3])),
         "target['img_size']",
         "int or (H, W)",
     ),

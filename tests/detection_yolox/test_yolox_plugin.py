@@ -40,7 +40,11 @@ def test_config_file_builds_and_runs() -> None:
         "yolox_loss/l1",
         "total",
     }
-    assert set(result.diagnostics) == {"yolox_loss/num_fg", "yolox_loss/l1_active"}
+    assert set(result.diagnostics) == {
+        "yolox_loss/num_fg",
+        "yolox_loss/l1_active",
+        "yolox_loss/invalid_targets",
+    }
     assert float(result.parts["yolox_loss/l1"]) == 0.0
     result.total.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in out["pred"])

@@ -10,7 +10,7 @@ import pytest
 import torch
 from yolox_cases import ddp_rank, fresh, make_batch, shared_model_grads
 
-from losskit.testing import run_on_ranks
+from losskit.testing import no_host_sync, run_on_ranks
 from losskit_detection_yolox import YOLOXLoss
 
 
@@ -24,7 +24,11 @@ def test_ddp_gradients_equal_single_process_on_the_whole_batch() -> None:
     ]
     ranks = run_on_ranks(ddp_rank, world_size=2, args=(halves,))
 
-    assert ranks[0]["keys"] == ranks[1]["keys"] == (("iou", "obj", "cls", "l1"), ("num_fg", "l1_active"))
+    assert (
+        ranks[0]["keys"]
+        == ranks[1]["keys"]
+        == (("iou", "obj", "cls", "l1"), ("num_fg", "l1_active", "invalid_targets"))
+    )
     assert ranks[0]["num_fg"] == 0 and ranks[1]["num_fg"] > 0
 
     whole, _ = shared_model_grads(levels, target)
@@ -132,13 +136,9 @@ def test_no_host_device_sync_on_cuda() -> None:
     crit = YOLOXLoss()
     crit.set_epoch(1)
     crit(dev_out, dev_target)  # warm-up
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         terms = crit(fresh(dev_out), dev_target)
         terms.total.backward()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     cpu = crit(out, target)
     for name in cpu:
         assert float(terms[name]) == pytest.approx(float(cpu[name]), rel=1e-4, abs=1e-5)

@@ -34,6 +34,7 @@ def test_a_config_per_plugin() -> None:
         "segmentation-pidnet",
         "detection-detr",
         "pose-rtmcc",
+        "detection-yolov9",
     } <= names
 
 

@@ -10,7 +10,7 @@ from losskit_detection_yolox.yolofastest import (
     yolofastest_assign,
     yolofastest_loss,
 )
-from losskit_detection_yolox.yolox import YOLOXLoss, yolox_assign, yolox_loss
+from losskit_detection_yolox.yolox import YOLOXLoss, YOLOXLossConfig, yolox_assign, yolox_loss
 
 __version__ = "0.1.0"
 
@@ -19,6 +19,7 @@ __all__ = [
     "YOLOFastestLoss",
     "YOLOFastestLossConfig",
     "YOLOXLoss",
+    "YOLOXLossConfig",
     "__version__",
     "yolofastest_assign",
     "yolofastest_loss",

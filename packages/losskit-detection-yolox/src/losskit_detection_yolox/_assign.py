@@ -130,12 +130,17 @@ class GroundTruths:
         labels: ``(N,)`` int64 classes.
         image: ``(N,)`` int64 image of each row (rows of an image are consecutive, in input order).
         counts: boxes per image (host ints).
+        valid: ``(N,)`` bool, or None for all valid. An invalid row (a label outside ``[0, C)``, an
+            inverted or non-finite box) stays in place, so that no count is read back, but takes part
+            in nothing: it has no candidate and matches no anchor, as if the image did not have it.
+            Its box and label must be finite and in range (the caller replaces them).
     """
 
     boxes: Tensor
     labels: Tensor
     image: Tensor
     counts: tuple[int, ...]
+    valid: Tensor | None = None
 
     @property
     def max_count(self) -> int:
@@ -252,6 +257,8 @@ def _candidate_union(gts: GroundTruths, batch_size: int, grid: AnchorGrid, radiu
             radius,
         )
         keep = ok.flatten(1) & inside
+        if gts.valid is not None:
+            keep &= gts.valid[:, None]
         if per_cell > 1:  # the cell's other anchors follow at multiples of h * w: the same prior
             shift = torch.arange(per_cell, device=cx.device)[None, :, None] * (h * w)
             cells = (cells[:, None, :] + shift).flatten(1)
@@ -360,7 +367,9 @@ def _pairwise_iou(gt: Tensor, boxes: Tensor, image: Tensor) -> Tensor:
 
     inter, ex = overlap(0)
     iy, ey = overlap(1)
-    inter.mul_(iy).mul_(ex.logical_and_(ey))
+    # zero where the boxes do not overlap: a fill, not a product with the mask (inf * 0 is NaN when a
+    # box lies ~1e19 pixels away)
+    inter.mul_(iy).masked_fill_(ex.logical_and_(ey).logical_not_(), 0.0)
     del iy, ey, ex
     area_b = (boxes[..., 2] * boxes[..., 3])[image]
     union = area_b.add_(gt[:, 2, None] * gt[:, 3, None]).sub_(inter)  # area_g + area_b - inter
@@ -416,6 +425,8 @@ def simota_match(
 
     # 1. each ground truth against its image's candidate slots: (N, K)
     pair_valid = valid[img]
+    if gts.valid is not None:  # an invalid ground truth has no candidate: as if absent
+        pair_valid &= gts.valid[:, None]
     prior = _pairwise_prior(gt, grid, index, img, center_radius)
     iou = _pairwise_iou(gt, boxes.float(), img).masked_fill_(~pair_valid, 0.0)
 
@@ -439,7 +450,10 @@ def simota_match(
     # 3. dynamic k per ground truth, then its k lowest-cost candidates
     top = min(candidate_topk, k)
     dynamic_k = torch.topk(iou, top, dim=1).values.sum(1).int().clamp_(min=1)
-    dynamic_k = torch.where(count[img] > 0, dynamic_k, 0)
+    has_candidates = count[img] > 0
+    if gts.valid is not None:
+        has_candidates &= gts.valid
+    dynamic_k = torch.where(has_candidates, dynamic_k, 0)
     chosen = torch.topk(cost, top, dim=1, largest=False).indices  # (N, top), ascending cost
     matching = torch.zeros(n, k, dtype=torch.bool, device=device)
     matching.scatter_(1, chosen, torch.arange(top, device=device) < dynamic_k[:, None])

@@ -18,7 +18,15 @@ from torch import Tensor
 from torchvision.ops import box_convert
 
 from losskit import ConfigError, Criterion, InputError, LossTerms, option
-from losskit.checks import fmt_shape, get_box_targets, value_checks_enabled
+from losskit.checks import (
+    explain_non_finite,
+    fmt_shape,
+    get_box_targets,
+    integral_scalar,
+    missing_key_error,
+    real_scalar,
+    value_checks_enabled,
+)
 from losskit.dist import global_mean
 from losskit.tensors import autocast_off
 from losskit_detection_yolox._assign import (
@@ -30,7 +38,7 @@ from losskit_detection_yolox._assign import (
     simota_match,
 )
 
-__all__ = ["Assignment", "YOLOXLoss", "yolox_assign", "yolox_loss"]
+__all__ = ["Assignment", "YOLOXLoss", "YOLOXLossConfig", "yolox_assign", "yolox_loss"]
 
 NAME = "yolox_loss"
 IouLossKind = Literal["iou", "giou"]
@@ -46,6 +54,40 @@ MAX_LOG_SIZE = 20.0
 
 
 @dataclass(frozen=True)
+class YOLOXLossConfig:
+    """The fields of ``yolox_loss``: the only place their defaults are written (YOLOX's values)."""
+
+    reg_weight: float = option(5.0, ge=0.0, doc="Weight of the IoU term.")
+    center_radius: float = option(
+        1.5, gt=0.0, doc="Centre-prior radius in strides: candidate cells lie within it of a box centre."
+    )
+    candidate_topk: int = option(10, ge=1, doc="Number of top IoUs summed for SimOTA's dynamic k.")
+    iou_cost_weight: float = option(3.0, ge=0.0, doc="Weight of -log(IoU + 1e-8) in the assignment cost.")
+    iou_loss: Literal["iou", "giou"] = option(
+        "iou", doc="Box loss: 'iou' is 1 - IoU^2 (YOLOX's default), 'giou' is 1 - GIoU."
+    )
+    l1_activate_epoch: int = option(
+        1, ge=0, doc="The L1 term is on once the epoch given to set_epoch is >= this (0 before any call)."
+    )
+    num_classes: int | None = option(
+        None, ge=1, doc="Number of classes C; null infers it from the channels (5 + C) of out['pred']."
+    )
+    strides: tuple[float, ...] | None = option(
+        None, gt=0.0, min_items=1, doc="Per-level strides in pixels; null derives them as img_size / W_l."
+    )
+    normalize_across_ranks: bool = option(
+        False, doc="Divide by the foreground count averaged over torch.distributed ranks (off in YOLOX)."
+    )
+    candidate_slots: Literal["auto", "exact", "static"] = option(
+        "auto",
+        doc="Sizing of the candidate tensors: 'exact' reads the largest candidate count back "
+        "(a device sync; least memory), 'static' uses a bound known on the host (no sync), "
+        "'auto' is exact on CPU and static on accelerators and under torch.compile. The result is "
+        "the same.",
+    )
+
+
+@dataclass(frozen=True)
 class _Batch:
     """Validated inputs: the levels, their anchors and the padded ground truths."""
 
@@ -55,32 +97,28 @@ class _Batch:
     num_classes: int
 
 
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
 def _img_size(target: Mapping[str, Any], criterion: str = NAME) -> tuple[float, float]:
+    """``(H, W)`` from ``target['img_size']``: a real scalar (int, float, numpy number, 0-d tensor) or
+    a pair of them (a sequence or a ``(2,)`` tensor)."""
     key = "target['img_size']"
     if "img_size" not in target:
-        keys = ", ".join(repr(k) for k in target) or "none"
-        raise InputError(
-            criterion, key, f"missing; target has keys {keys}; expected: int or (H, W) of the network input"
-        )
+        raise missing_key_error(criterion, "target", "img_size", target, "int or (H, W) of the network input")
     size = target["img_size"]
-    if _is_number(size):
-        hw = (size, size)
-    elif (
-        isinstance(size, Sequence)
-        and not isinstance(size, str)
-        and len(size) == 2
-        and all(_is_number(s) for s in size)
+    single = real_scalar(size)
+    if single is not None:
+        hw: tuple[float | None, ...] = (single, single)
+    elif (isinstance(size, Tensor) and size.shape == (2,)) or (
+        isinstance(size, Sequence) and not isinstance(size, str) and len(size) == 2
     ):
-        hw = (size[0], size[1])
+        hw = tuple(real_scalar(s) for s in size)
     else:
+        hw = (None,)
+    if any(s is None for s in hw):
         raise InputError(criterion, key, f"expected an int or (H, W) of the network input, got {size!r}")
-    if not all(math.isfinite(s) and s > 0 for s in hw):
+    h, w = (float(s) for s in hw)  # type: ignore[arg-type]
+    if not all(math.isfinite(s) and s > 0 for s in (h, w)):
         raise InputError(criterion, key, f"expected positive finite sizes, got {size!r}")
-    return float(hw[0]), float(hw[1])
+    return h, w
 
 
 def _levels(out: Any) -> list[Tensor]:
@@ -89,8 +127,7 @@ def _levels(out: Any) -> list[Tensor]:
     if not isinstance(out, Mapping):
         raise InputError(NAME, "out", f"expected a mapping with key 'pred', got {type(out).__name__}")
     if "pred" not in out:
-        keys = ", ".join(repr(k) for k in out) or "none"
-        raise InputError(NAME, key, f"missing; out has keys {keys}; expected: {expected}")
+        raise missing_key_error(NAME, "out", "pred", out, expected)
     pred = out["pred"]
     if isinstance(pred, Tensor) or not isinstance(pred, Sequence) or isinstance(pred, str):
         given = (
@@ -126,49 +163,88 @@ def _levels(out: Any) -> list[Tensor]:
                     where,
                     f"expected {first.shape[1]} channels (5 + C) as level 0, got shape {fmt_shape(p.shape)}",
                 )
-            if p.dtype != first.dtype or p.device != first.device:
+            if p.device != first.device:
                 raise InputError(
                     NAME,
                     where,
-                    f"dtype/device {p.dtype}/{p.device} differ from level 0's {first.dtype}/{first.device}",
+                    f"is on {p.device}, but out['pred'][0] is on {first.device}; move both to one device",
                 )
+            if p.dtype != first.dtype:
+                raise InputError(NAME, where, f"dtype {p.dtype} differs from out['pred'][0]'s {first.dtype}")
         levels.append(p)
     return levels
+
+
+def _to_device(t: Tensor, where: str, device: torch.device, dtype: torch.dtype, criterion: str) -> Tensor:
+    """A target moved to the outputs' device (documented), or an error naming both when it cannot be."""
+    try:
+        return t.to(device=device, dtype=dtype)
+    except (RuntimeError, NotImplementedError) as exc:
+        raise InputError(
+            criterion,
+            where,
+            f"is on {t.device}, but out['pred'][0] is on {device}, and it cannot be moved there ({exc})",
+        ) from exc
+
+
+def _check_gt_values(boxes: Tensor, labels: Tensor, where: str, num_classes: int, criterion: str) -> None:
+    """Value checks of one image's ground truths (a read: only where value checks run)."""
+    if labels.numel():
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= num_classes:
+            bad = lo if lo < 0 else hi
+            raise InputError(
+                criterion,
+                f"{where}['labels']",
+                f"class {bad} is out of range; expected values in [0, {num_classes})",
+            )
+    if boxes.numel():
+        if not bool(torch.isfinite(boxes).all()):
+            raise explain_non_finite(criterion, [(f"{where}['boxes']", boxes)]) or InputError(
+                criterion, f"{where}['boxes']", "contains non-finite values"
+            )
+        if bool(((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])).any()):
+            raise InputError(criterion, f"{where}['boxes']", "expected x2 >= x1 and y2 >= y1 (xyxy boxes)")
 
 
 def _ground_truths(
     target: Any, batch: int, num_classes: int, device: torch.device, criterion: str = NAME
 ) -> GroundTruths:
+    """The batch's ground truths on the outputs' ``device`` (targets elsewhere are moved there).
+
+    With value checks off, a box with a label outside ``[0, C)``, an inverted (``x2 < x1`` or
+    ``y2 < y1``) or a non-finite box is kept as an invalid row (see :class:`GroundTruths`): it takes
+    part in nothing and is counted in the ``invalid_targets`` diagnostic. Zero-width or zero-height
+    boxes are valid, as in YOLOX (their IoU with any prediction is 0).
+    """
     all_boxes, all_labels = get_box_targets(target, criterion=criterion, batch=batch, batch_of="out['pred']")
     boxes_list, labels_list = [], []
     for i, (boxes, labels) in enumerate(zip(all_boxes, all_labels)):
         where = f"target['gt'][{i}]"
-        if value_checks_enabled(labels) and labels.numel():
-            lo, hi = int(labels.min()), int(labels.max())
-            if lo < 0 or hi >= num_classes:
-                bad = lo if lo < 0 else hi
-                raise InputError(
-                    criterion,
-                    f"{where}['labels']",
-                    f"class {bad} is out of range; expected values in [0, {num_classes})",
-                )
-        if value_checks_enabled(boxes) and boxes.numel():
-            if not bool(torch.isfinite(boxes).all()):
-                raise InputError(criterion, f"{where}['boxes']", "contains non-finite values (nan or inf)")
-            if bool(((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])).any()):
-                raise InputError(
-                    criterion, f"{where}['boxes']", "expected x2 >= x1 and y2 >= y1 (xyxy boxes)"
-                )
-        boxes_list.append(boxes.to(device=device, dtype=torch.float32))
-        labels_list.append(labels.to(device=device, dtype=torch.int64))
+        boxes = _to_device(boxes, f"{where}['boxes']", device, torch.float32, criterion)
+        labels = _to_device(labels, f"{where}['labels']", device, torch.int64, criterion)
+        if value_checks_enabled(boxes):
+            _check_gt_values(boxes, labels, where, num_classes, criterion)
+        boxes_list.append(boxes)
+        labels_list.append(labels)
     counts = tuple(int(b.shape[0]) for b in boxes_list)
     # the image of each row, made on the device (no host-to-device copy)
     image = [torch.full((n,), i, dtype=torch.int64, device=device) for i, n in enumerate(counts)]
+    xyxy = torch.cat([torch.zeros(0, 4, device=device), *boxes_list])
+    labels = torch.cat([torch.zeros(0, dtype=torch.int64, device=device), *labels_list])
+    valid = (
+        torch.isfinite(xyxy).all(1)
+        & (xyxy[:, 2] >= xyxy[:, 0])
+        & (xyxy[:, 3] >= xyxy[:, 1])
+        & (labels >= 0)
+        & (labels < num_classes)
+    )
     return GroundTruths(
-        box_convert(torch.cat([torch.zeros(0, 4, device=device), *boxes_list]), "xyxy", "cxcywh"),
-        torch.cat([torch.zeros(0, dtype=torch.int64, device=device), *labels_list]),
+        box_convert(torch.where(valid[:, None], xyxy, 0.0), "xyxy", "cxcywh"),
+        torch.where(valid, labels, 0),
         torch.cat([torch.zeros(0, dtype=torch.int64, device=device), *image]),
         counts,
+        valid,
     )
 
 
@@ -183,7 +259,7 @@ def _check_num_classes(
         )
     given = target.get("num_classes")
     if given is not None:
-        if not _is_number(given) or int(given) != given:
+        if integral_scalar(given) is None and not (isinstance(given, float) and given.is_integer()):
             raise InputError(criterion, "target['num_classes']", f"expected an int, got {given!r}")
         if int(given) != c:
             raise InputError(
@@ -222,8 +298,10 @@ def _prepare(
     if value_checks_enabled(levels[0]):
         for i, p in enumerate(levels):
             # the sum is non-finite when any value is (or, rarely, on overflow: then look closer)
-            if not bool(torch.isfinite(p.detach().sum())) and not bool(torch.isfinite(p).all()):
-                raise InputError(NAME, f"out['pred'][{i}]", "contains non-finite values (nan or inf)")
+            if not bool(torch.isfinite(p.detach().sum())):
+                err = explain_non_finite(NAME, [(f"out['pred'][{i}]", p.detach())])
+                if err is not None:
+                    raise err
     gts = _ground_truths(target, batch, c, device)
     grid = AnchorGrid.build(shapes, level_strides, device)
     return _Batch(tuple(levels), grid, gts, c)
@@ -333,13 +411,17 @@ def _iou_loss(pred: Tensor, target: Tensor, kind: str) -> Tensor:
     lo = torch.maximum(p_lo, t_lo)
     hi = torch.minimum(p_hi, t_hi)
     overlap = (lo < hi).all(-1)
-    inter = (hi - lo).prod(-1) * overlap
-    union = pred[..., 2:].prod(-1) + target[..., 2:].prod(-1) - inter
+    side = hi - lo
+    # products written out (a prod's backward divides by its result, NaN where that is inf) and a
+    # where, not a product with the mask: boxes ~1e19 px away would give inf * 0 = NaN
+    inter = torch.where(overlap, side[..., 0] * side[..., 1], 0.0)
+    union = pred[..., 2] * pred[..., 3] + target[..., 2] * target[..., 3] - inter
     iou = inter / (union + IOU_LOSS_EPS)
     if kind == "iou":
         return 1 - iou**2
-    hull = (torch.maximum(p_hi, t_hi) - torch.minimum(p_lo, t_lo)).prod(-1)
-    giou = iou - (hull - union) / hull.clamp(min=IOU_LOSS_EPS)
+    span = torch.maximum(p_hi, t_hi) - torch.minimum(p_lo, t_lo)
+    hull = (span[..., 0] * span[..., 1]).clamp(min=IOU_LOSS_EPS, max=torch.finfo(span.dtype).max)
+    giou = iou - (hull - union) / hull
     return 1 - giou.clamp(min=-1.0, max=1.0)
 
 
@@ -376,8 +458,17 @@ def _assign(
     )
 
 
-def _diagnostics(num_fg: Tensor, use_l1: bool) -> dict[str, Tensor]:
-    return {"num_fg": num_fg, "l1_active": torch.full((), float(use_l1), device=num_fg.device)}
+def _diagnostics(num_fg: Tensor, use_l1: bool, gts: GroundTruths) -> dict[str, Tensor]:
+    invalid = (
+        torch.zeros((), device=num_fg.device)
+        if gts.valid is None
+        else gts.valid.numel() - gts.valid.sum().to(torch.float32)
+    )
+    return {
+        "num_fg": num_fg,
+        "l1_active": torch.full((), float(use_l1), device=num_fg.device),
+        "invalid_targets": invalid,
+    }
 
 
 def _terms(
@@ -416,7 +507,7 @@ def _terms(
     if f == 0:  # no candidate anywhere (no ground truth): objectness only, graph intact
         zero = picked.sum() * 0.0
         terms = {"iou": zero, "obj": obj, "cls": zero, "l1": zero}
-        return LossTerms(terms, _diagnostics(num_fg, use_l1))
+        return LossTerms(terms, _diagnostics(num_fg, use_l1, batch.gts))
 
     row = cand.matched_row.gather(1, slots).clamp(min=0)
     matched_iou = cand.matched_iou.gather(1, slots)
@@ -449,7 +540,7 @@ def _terms(
     else:
         l1 = picked[:, :4].sum() * 0.0
     terms = {"iou": iou, "obj": obj, "cls": cls, "l1": l1}
-    return LossTerms(terms, _diagnostics(num_fg, use_l1))
+    return LossTerms(terms, _diagnostics(num_fg, use_l1, batch.gts))
 
 
 def _check_choice(field: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -462,12 +553,12 @@ def yolox_assign(
     gt: Sequence[Mapping[str, Tensor]],
     img_size: int | tuple[int, int],
     *,
-    num_classes: int | None = None,
-    center_radius: float = 1.5,
-    candidate_topk: int = 10,
-    iou_cost_weight: float = 3.0,
-    strides: Sequence[float] | None = None,
-    candidate_slots: CandidateSlots = "auto",
+    num_classes: int | None = YOLOXLossConfig.num_classes,
+    center_radius: float = YOLOXLossConfig.center_radius,
+    candidate_topk: int = YOLOXLossConfig.candidate_topk,
+    iou_cost_weight: float = YOLOXLossConfig.iou_cost_weight,
+    strides: Sequence[float] | None = YOLOXLossConfig.strides,
+    candidate_slots: CandidateSlots = YOLOXLossConfig.candidate_slots,
 ) -> Assignment:
     """SimOTA assignment of YOLOX for a batch; see :func:`yolox_loss` for the arguments.
 
@@ -495,16 +586,16 @@ def yolox_loss(
     gt: Sequence[Mapping[str, Tensor]],
     img_size: int | tuple[int, int],
     *,
-    num_classes: int | None = None,
+    num_classes: int | None = YOLOXLossConfig.num_classes,
     use_l1: bool = False,
-    reg_weight: float = 5.0,
-    center_radius: float = 1.5,
-    candidate_topk: int = 10,
-    iou_cost_weight: float = 3.0,
-    iou_loss: IouLossKind = "iou",
-    strides: Sequence[float] | None = None,
-    normalize_across_ranks: bool = False,
-    candidate_slots: CandidateSlots = "auto",
+    reg_weight: float = YOLOXLossConfig.reg_weight,
+    center_radius: float = YOLOXLossConfig.center_radius,
+    candidate_topk: int = YOLOXLossConfig.candidate_topk,
+    iou_cost_weight: float = YOLOXLossConfig.iou_cost_weight,
+    iou_loss: IouLossKind = YOLOXLossConfig.iou_loss,
+    strides: Sequence[float] | None = YOLOXLossConfig.strides,
+    normalize_across_ranks: bool = YOLOXLossConfig.normalize_across_ranks,
+    candidate_slots: CandidateSlots = YOLOXLossConfig.candidate_slots,
 ) -> LossTerms:
     """The YOLOX loss of a batch: SimOTA assignment, then IoU, objectness, class and L1 terms.
 
@@ -587,7 +678,7 @@ def _loss_of_batch(
         )
 
 
-class YOLOXLoss(Criterion):
+class YOLOXLoss(Criterion[YOLOXLossConfig]):
     """YOLOX loss: SimOTA assignment, then IoU, objectness, class and L1 terms over foreground anchors.
 
     Batched over images (no Python loop over images or ground truths). The terms are each divided by
@@ -608,7 +699,7 @@ class YOLOXLoss(Criterion):
 
     name = NAME
     terms = ("iou", "obj", "cls", "l1")
-    diagnostics = ("num_fg", "l1_active")
+    diagnostics = ("num_fg", "l1_active", "invalid_targets")
     inputs = {
         "pred": "list over pyramid levels of (B, 5 + C, H_l, W_l) raw head outputs "
         "[tx, ty, tw, th, obj, cls_0..cls_{C-1}]",
@@ -619,36 +710,7 @@ class YOLOXLoss(Criterion):
         "num_classes": "optional int C, checked against the channels of out['pred']",
     }
 
-    @dataclass(frozen=True)
-    class Config:
-        reg_weight: float = option(5.0, ge=0.0, doc="Weight of the IoU term.")
-        center_radius: float = option(
-            1.5, gt=0.0, doc="Centre-prior radius in strides: candidate cells lie within it of a box centre."
-        )
-        candidate_topk: int = option(10, ge=1, doc="Number of top IoUs summed for SimOTA's dynamic k.")
-        iou_cost_weight: float = option(3.0, ge=0.0, doc="Weight of -log(IoU + 1e-8) in the assignment cost.")
-        iou_loss: Literal["iou", "giou"] = option(
-            "iou", doc="Box loss: 'iou' is 1 - IoU^2 (YOLOX's default), 'giou' is 1 - GIoU."
-        )
-        l1_activate_epoch: int = option(
-            1, ge=0, doc="The L1 term is on once the epoch given to set_epoch is >= this (0 before any call)."
-        )
-        num_classes: int | None = option(
-            None, ge=1, doc="Number of classes C; null infers it from the channels (5 + C) of out['pred']."
-        )
-        strides: tuple[float, ...] | None = option(
-            None, gt=0.0, min_items=1, doc="Per-level strides in pixels; null derives them as img_size / W_l."
-        )
-        normalize_across_ranks: bool = option(
-            False, doc="Divide by the foreground count averaged over torch.distributed ranks (off in YOLOX)."
-        )
-        candidate_slots: Literal["auto", "exact", "static"] = option(
-            "auto",
-            doc="Sizing of the candidate tensors: 'exact' reads the largest candidate count back "
-            "(a device sync; least memory), 'static' uses a bound known on the host (no sync), "
-            "'auto' is exact on CPU and static on accelerators and under torch.compile. The result is "
-            "the same.",
-        )
+    Config = YOLOXLossConfig
 
     @property
     def l1_active(self) -> bool:

@@ -51,6 +51,7 @@ FIRST_PARTY: dict[str, str] = {
     "pidnet_loss": "losskit-segmentation-pidnet",
     "detr_loss": "losskit-detection-detr",
     "rtmcc_loss": "losskit-pose-rtmcc",
+    "yolov9_loss": "losskit-detection-yolov9",
 }
 
 
