@@ -136,3 +136,20 @@ def test_500_boxes_in_one_image_stay_under_1_gb() -> None:
     peak = peak_memory(step)
     assert 0 < peak < 1 << 30
     assert all(torch.isfinite(p.grad).all() for p in pred)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("assigner", ["netspresso", "upstream"])
+def test_cuda_forward_and_backward_without_host_sync(assigner: str) -> None:
+    from losskit.testing import no_host_sync
+
+    pred, gt, img = case([5, 0, 3], seed=9, cls_bias=1.0)
+    levels = [p.detach().cuda().requires_grad_(True) for p in pred]
+    gts = [{k: v.cuda() for k, v in g.items()} for g in gt]
+    crit = YOLOv9Loss(assigner=assigner)
+    want = crit({"pred": pred}, {"gt": gt, "img_size": img})
+    with no_host_sync():
+        terms = crit({"pred": levels}, {"gt": gts, "img_size": img})
+        terms.total.backward()
+    for k in want:
+        assert float(terms[k]) == pytest.approx(float(want[k]), rel=1e-4)

@@ -7,8 +7,8 @@ the temporaries of the CIoU stay bounded. Per-anchor decisions (duplicates, the 
 reductions of those rows into ``(B, A)`` by image index: no Python loop over images or ground truths.
 
 Memory of one assignment: ``G x A`` float32 CIoU and score matrices plus a few ``G x A`` bool and
-int64 temporaries (about 30 bytes per pair: 250 MB for 500 ground truths at 8400 anchors), and
-about 40 float32 ``chunk x A`` temporaries for the CIoU (``chunk x A <= 2^20``: about 170 MB).
+float32 temporaries of the reductions (about 25 bytes per pair: about 100 MB for 500 ground truths at
+8400 anchors), and about 40 float32 temporaries of ``2^18`` values for a chunk's CIoU (about 40 MB).
 """
 
 from __future__ import annotations
