@@ -611,7 +611,8 @@ class _Varifocal(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         s, index, at_pos = ctx.saved_tensors
         k = s.shape[0]
-        g = torch.pow(s, 3) if ctx.gamma == 2.0 else torch.pow(s, ctx.gamma + 1)
+        # torch.pow(s, 3) is not vectorised on CPU (about 20x slower than two multiplications)
+        g = torch.square(s).mul_(s) if ctx.gamma == 2.0 else torch.pow(s, ctx.gamma + 1)
         g = g.mul_((grad * ctx.alpha).view(k, *([1] * (s.dim() - 1))))
         g.view(k, -1).scatter_add_(1, index, at_pos * grad[:, None])
         return g, None, None, None, None, None
