@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from classification_testlib import rel_diff
+from classification_cases import rel_diff
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import losskit

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
-from classification_testlib import rel_diff
+from classification_cases import rel_diff
 
 from losskit.testing import no_host_sync
 from losskit_classification import CrossEntropy, FocalLoss, sigmoid_focal_loss, sigmoid_focal_loss_indexed

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import classification_testlib as tl
+import classification_cases as tl
 import pytest
 import torch
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
-from classification_testlib import rel_diff
+from classification_cases import rel_diff
 
 import losskit
 from losskit.testing import assert_defaults_match

@@ -34,9 +34,9 @@ def solver_calls(monkeypatch: pytest.MonkeyPatch) -> list[torch.dtype]:
     calls: list[torch.dtype] = []
     original = detr_module.hungarian
 
-    def counting(packed: torch.Tensor) -> torch.Tensor:
+    def counting(packed: torch.Tensor, counts: list[int]) -> torch.Tensor:
         calls.append(packed.dtype)
-        return original(packed)
+        return original(packed, counts)
 
     monkeypatch.setattr(detr_module, "hungarian", counting)
     return calls
@@ -47,16 +47,17 @@ def test_one_transfer_per_call_for_all_output_sets(solver_calls: list[torch.dtyp
     solved: list[tuple[int, ...]] = []
     original = match_module._solve
 
-    def spy(packed: Any) -> Any:
-        solved.append(packed.shape)
-        return original(packed)
+    def spy(packed: Any, counts: list[int]) -> Any:
+        solved.append((*packed.shape, *counts))
+        return original(packed, counts)
 
     match_module._solve = spy
     try:
         DetrLoss()(out, target)
     finally:
         match_module._solve = original
-    assert len(solver_calls) == 1 and solved == [(7, 3, 30 + 1, 5)]  # (S, B, Q + validity row, max n)
+    # (S, sum n, Q + validity column) and the gts per image: no padding, no cross-image block
+    assert len(solver_calls) == 1 and solved == [(7, 9, 30 + 1, 3, 5, 1)]
     no_gt, target_no_gt = case((0, 0))
     DetrLoss()(no_gt, target_no_gt)
     assert len(solver_calls) == 1  # nothing to match: no transfer at all

@@ -154,3 +154,10 @@ def test_match_returns_sorted_int64_pairs_per_set() -> None:
         assert torch.equal(q, q.sort().values)
     for (q, g), gt in zip(m["main"], target["gt"]):
         assert len(q) == min(len(gt["labels"]), 20) and len(set(g.tolist())) == len(g)
+
+
+def test_netspresso_block_from_omegaconf() -> None:
+    omegaconf = pytest.importorskip("omegaconf")
+    cfg = omegaconf.OmegaConf.create({"model": {"losses": __import__("yaml").safe_load(BLOCK)}})
+    (entry,) = losskit.load_config(cfg).entries
+    assert entry.config == DetrLoss.Config()

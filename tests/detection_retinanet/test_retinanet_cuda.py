@@ -4,14 +4,9 @@ invalid gts and anchors, a crowded image and extreme deltas stay finite without 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
+import retinanet_cases as tl
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
-import retinanet_testlib as tl
 
 from losskit.checks import set_value_checks
 from losskit.testing import no_host_sync

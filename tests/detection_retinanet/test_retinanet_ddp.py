@@ -3,15 +3,10 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
+import retinanet_cases as tl
 import torch
 
 from losskit.testing import run_on_ranks
-
-sys.path.insert(0, str(Path(__file__).parent))
-import retinanet_testlib as tl
 
 CONFIGS = [
     {"normalizer": "batch", "normalize_across_ranks": True},

@@ -4,17 +4,13 @@
 from __future__ import annotations
 
 import copy
-import sys
 from pathlib import Path
 
 import pytest
+import retinanet_cases as tl
 import torch
 
 import losskit
-
-sys.path.insert(0, str(Path(__file__).parent))
-import retinanet_testlib as tl
-
 from losskit_detection_retinanet import RetinaNetLoss
 
 ROOT = Path(__file__).resolve().parents[2]

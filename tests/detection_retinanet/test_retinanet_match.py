@@ -3,14 +3,9 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
+import retinanet_cases as tl
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
-import retinanet_testlib as tl
 
 from losskit_detection_retinanet import RetinaNetLoss
 from losskit_detection_retinanet import _match as _match_module

@@ -3,17 +3,12 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
+import retinanet_cases as tl
 import torch
 import torch.nn.functional as F
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops import sigmoid_focal_loss
-
-sys.path.insert(0, str(Path(__file__).parent))
-import retinanet_testlib as tl
 
 from losskit_detection_retinanet import RetinaNetLoss, retinanet_loss
 

@@ -1,15 +1,11 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Makes the helper modules of these tests (``yolox_cases``, ``yolox_reference``) importable, also in
-the processes that the data-parallel test spawns (spawn passes ``sys.path`` on)."""
+"""The yolox tests' own warning filter (helper modules and threads: ``tests/conftest.py``)."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 HERE = str(Path(__file__).resolve().parent)
-if HERE not in sys.path:
-    sys.path.insert(0, HERE)
 
 
 def pytest_collection_modifyitems(items: list) -> None:

@@ -58,12 +58,7 @@ class TinyDetector(nn.Module):
 
 
 def test_tiny_detector_loss_falls_by_half() -> None:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small convolutions: threads only contend on a shared machine
-    try:
-        train()
-    finally:
-        torch.set_num_threads(threads)
+    train()  # one intra-op thread (tests/conftest.py): small convolutions only contend on a shared machine
 
 
 def train() -> None:

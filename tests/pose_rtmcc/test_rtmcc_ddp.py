@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import torch
-from rtmcc_ddp_worker import SIZE, ddp_worker, forward, tiny_head
+from rtmcc_cases import SIZE, ddp_worker, forward, tiny_head
 
 from losskit.testing import run_on_ranks
 from losskit_pose_rtmcc import RTMCCLoss

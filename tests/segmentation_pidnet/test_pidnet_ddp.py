@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import torch
-from pidnet_helpers import IGNORE, ddp_worker, split_heads, tiny_heads
+from pidnet_cases import IGNORE, ddp_worker, split_heads, tiny_heads
 
 from losskit.testing import run_on_ranks
 from losskit_segmentation_pidnet import PIDNetLoss

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from pidnet_helpers import IGNORE, grads, make_batch, reference_terms
+from pidnet_cases import IGNORE, grads, make_batch, reference_terms
 
 import losskit
 from losskit import ConfigError, InputError

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from pidnet_helpers import IGNORE, make_batch
+from pidnet_cases import IGNORE, make_batch
 
 from losskit_segmentation_pidnet import pidnet_loss
 from losskit_segmentation_pidnet._ohem import ohem_mask

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from pidnet_helpers import IGNORE, grads, make_batch, reference_terms
+from pidnet_cases import IGNORE, grads, make_batch, reference_terms
 
 from losskit_ops import resize2d
 from losskit_segmentation_pidnet import PIDNetLoss, pidnet_loss, upsampled_nll

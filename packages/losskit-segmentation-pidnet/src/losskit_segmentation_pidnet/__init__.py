@@ -4,6 +4,6 @@
 from __future__ import annotations
 
 from losskit_ops import upsampled_nll  # moved to losskit-ops; re-exported for existing imports
-from losskit_segmentation_pidnet.pidnet import PIDNetLoss, pidnet_loss
+from losskit_segmentation_pidnet.pidnet import PIDNetLoss, PIDNetLossConfig, pidnet_loss
 
-__all__ = ["PIDNetLoss", "pidnet_loss", "upsampled_nll"]
+__all__ = ["PIDNetLoss", "PIDNetLossConfig", "pidnet_loss", "upsampled_nll"]

@@ -14,14 +14,14 @@ import torch
 from torch import Tensor
 
 from losskit import Criterion, InputError, LossTerms, option
-from losskit.checks import fmt_shape, get_tensor, value_checks_enabled
+from losskit.checks import check_same_device, explain_non_finite, fmt_shape, get_tensor, value_checks_enabled
 from losskit.dist import global_mean
 from losskit.tensors import autocast_off, graph_zero
 from losskit_ops import resize2d, upsampled_nll
 from losskit_segmentation_pidnet._boundary import balanced_bce
 from losskit_segmentation_pidnet._ohem import ohem_mask
 
-__all__ = ["PIDNetLoss", "pidnet_loss"]
+__all__ = ["PIDNetLoss", "PIDNetLossConfig", "pidnet_loss"]
 
 NAME = "pidnet_loss"
 TERMS = ("ce", "boundary", "boundary_ce")
@@ -79,6 +79,14 @@ def _check_inputs(
     _check_logits(pred, "pred", channels=None, like=None)
     _check_logits(extra_p, "extra_p", channels=None, like=pred)
     _check_logits(extra_d, "extra_d", channels=1, like=pred)
+    check_same_device(
+        NAME,
+        ("out['pred']", pred),
+        ("out['extra_p']", extra_p),
+        ("out['extra_d']", extra_d),
+        ("target['target']", target),
+        ("target['bd_gt']", bd_gt),
+    )
     batch, classes = pred.shape[:2]
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
         raise InputError(NAME, "target['target']", f"expected integer class labels, got {target.dtype}")
@@ -104,9 +112,11 @@ def _check_inputs(
         )
     if not value_checks_enabled(pred):
         return
-    for key, x in (("pred", pred), ("extra_p", extra_p), ("extra_d", extra_d)):
-        if not bool(torch.isfinite(x).all()):
-            raise InputError(NAME, f"out[{key!r}]", "contains NaN or infinite logits")
+    err = explain_non_finite(
+        NAME, [("out['pred']", pred), ("out['extra_p']", extra_p), ("out['extra_d']", extra_d)]
+    )
+    if err is not None:
+        raise err
     bad = (target != ignore_index) & ((target < 0) | (target >= classes))
     if bool(bad.any()):
         example = int(target[bad][0])
@@ -123,6 +133,48 @@ def _check_inputs(
             raise InputError(NAME, "target['bd_gt']", f"expected values in {{0, 1}}, found {example_bd!r}")
 
 
+@dataclass(frozen=True)
+class PIDNetLossConfig:
+    """Fields of ``pidnet_loss``; defaults are PIDNet's values (its Cityscapes recipe also sets ``ohem``)."""
+
+    ignore_index: int = option(255, doc="Label value of pixels that are ignored (no loss, not counted).")
+    balance_weights: tuple[float, float] = option(
+        (0.4, 1.0), ge=0.0, doc="Weights of the P-branch and I-branch cross-entropies in `ce`."
+    )
+    boundary_weight: float = option(
+        20.0, ge=0.0, doc="Weight of the class-balanced boundary BCE (`boundary`)."
+    )
+    boundary_ce_weight: float = option(
+        1.0, ge=0.0, doc="Weight of the boundary-aware cross-entropy (`boundary_ce`; upstream SB_WEIGHTS)."
+    )
+    boundary_threshold: float = option(
+        0.8, ge=0.0, le=1.0, doc="Pixels with sigmoid(up(extra_d)) above this enter `boundary_ce`."
+    )
+    class_weights: tuple[float, ...] | None = option(
+        None, ge=0.0, min_items=1, doc="Per-class CE weights (one per class), or null for none."
+    )
+    align_corners: bool = option(
+        True, doc="align_corners of the bilinear resizing of all logits to label size."
+    )
+    ohem: bool = option(
+        False, doc="Online hard example mining for the I-branch CE and `boundary_ce` (upstream USE_OHEM)."
+    )
+    ohem_thresh: float = option(
+        0.9,
+        ge=0.0,
+        le=1.0,
+        doc="OHEM keeps pixels whose true-class probability is below max(this, the ohem_min_kept cutoff).",
+    )
+    ohem_min_kept: int = option(
+        131072,
+        ge=1,
+        doc="OHEM raises its threshold to the (ohem_min_kept+1)-th smallest probability in the batch.",
+    )
+    normalize_across_ranks: bool = option(
+        False, doc="Divide by counts averaged over torch.distributed ranks (global normalisation under DDP)."
+    )
+
+
 def pidnet_loss(
     pred: Tensor,
     extra_p: Tensor | None,
@@ -130,17 +182,17 @@ def pidnet_loss(
     target: Tensor | None,
     bd_gt: Tensor | None,
     *,
-    ignore_index: int = 255,
-    balance_weights: tuple[float, float] = (0.4, 1.0),
-    boundary_weight: float = 20.0,
-    boundary_ce_weight: float = 1.0,
-    boundary_threshold: float = 0.8,
-    class_weights: Sequence[float] | Tensor | None = None,
-    align_corners: bool = True,
-    ohem: bool = False,
-    ohem_thresh: float = 0.9,
-    ohem_min_kept: int = 131072,
-    normalize_across_ranks: bool = False,
+    ignore_index: int = PIDNetLossConfig.ignore_index,
+    balance_weights: tuple[float, float] = PIDNetLossConfig.balance_weights,
+    boundary_weight: float = PIDNetLossConfig.boundary_weight,
+    boundary_ce_weight: float = PIDNetLossConfig.boundary_ce_weight,
+    boundary_threshold: float = PIDNetLossConfig.boundary_threshold,
+    class_weights: Sequence[float] | Tensor | None = PIDNetLossConfig.class_weights,
+    align_corners: bool = PIDNetLossConfig.align_corners,
+    ohem: bool = PIDNetLossConfig.ohem,
+    ohem_thresh: float = PIDNetLossConfig.ohem_thresh,
+    ohem_min_kept: int = PIDNetLossConfig.ohem_min_kept,
+    normalize_across_ranks: bool = PIDNetLossConfig.normalize_across_ranks,
 ) -> LossTerms:
     """The PIDNet loss as named terms ``ce``, ``boundary``, ``boundary_ce`` (their sum is the loss).
 
@@ -202,7 +254,7 @@ def pidnet_loss(
     else:
         num_weights = class_weights.numel() if isinstance(class_weights, Tensor) else len(class_weights)
     _check_inputs(pred, extra_p, extra_d, target, bd_gt, ignore_index, num_weights)
-    batch, classes = pred.shape[:2]
+    batch = pred.shape[0]
     height, width = target.shape[-2:]
     device = pred.device
     if batch * height * width == 0:
@@ -211,64 +263,22 @@ def pidnet_loss(
         return LossTerms({name: zero for name in TERMS}, diagnostics)
     dtype = torch.float64 if torch.float64 in (pred.dtype, extra_p.dtype, extra_d.dtype) else torch.float32
     with autocast_off(device.type):
-        target = target.long()
-        valid = (target != ignore_index) & (target >= 0) & (target < classes)
-        labels = torch.where(valid, target, 0)
-        n_valid = torch.count_nonzero(valid)
-        nll_p = upsampled_nll(extra_p.to(dtype), labels, valid, align_corners=align_corners)
-        nll_i = upsampled_nll(pred.to(dtype), labels, valid, align_corners=align_corners)
-        if class_weights is None:
-            pixel_weight: Tensor | None = None
-            valid_weight = n_valid.to(dtype)
-            wnll_p, wnll_i = nll_p, nll_i
-        else:
-            cw = torch.as_tensor(class_weights, dtype=dtype).to(device=device, non_blocking=True)
-            pixel_weight = cw[labels] * valid
-            valid_weight = pixel_weight.sum()
-            wnll_p, wnll_i = nll_p * pixel_weight, nll_i * pixel_weight
-        denom = _normaliser(valid_weight, normalize_across_ranks)
-        ce_p = wnll_p.sum() / denom
-
-        # D branch: class-balanced BCE over every pixel; its sigmoid selects the boundary pixels.
-        d_up = resize2d(extra_d.to(dtype), (height, width), align_corners=align_corners)
-        bd = bd_gt.unsqueeze(1)
-        positive = bd if bd.dtype == torch.bool else bd == 1
-        negative = ~bd if bd.dtype == torch.bool else bd == 0
-        n_pos = global_mean(torch.count_nonzero(positive).to(dtype), enabled=normalize_across_ranks, min=None)
-        n_neg = global_mean(torch.count_nonzero(negative).to(dtype), enabled=normalize_across_ranks, min=None)
-        n_all = _normaliser(
-            torch.full((), batch * height * width, dtype=dtype, device=device), normalize_across_ranks
+        px = _pixel_losses(
+            pred, extra_p, target, ignore_index, class_weights, dtype, align_corners, normalize_across_ranks
         )
-        bce, prob_d = balanced_bce(d_up, positive, negative, n_pos, n_neg, n_all)
+        bce, prob_d = _boundary_bce(extra_d, bd_gt, dtype, align_corners, normalize_across_ranks)
+        selected = px.valid & (prob_d[:, 0] > boundary_threshold)
+        mining = {"thresh": ohem_thresh, "min_kept": ohem_min_kept} if ohem else None
+        ce_i, ce_i_pixels = _i_branch_ce(px, px.valid, mining, px.denom, normalize_across_ranks)
+        sb, sb_pixels = _i_branch_ce(px, selected, mining, None, normalize_across_ranks)
+        ce = balance_weights[0] * px.ce_p + balance_weights[1] * ce_i
         boundary = boundary_weight * bce
-
-        # Boundary-aware CE: the I branch on pixels the D branch calls boundary.
-        selected = valid & (prob_d[:, 0] > boundary_threshold)
-        if ohem:
-            prob_i = torch.exp(-nll_i.detach())
-            keep_i = ohem_mask(prob_i, valid, thresh=ohem_thresh, min_kept=ohem_min_kept)
-            keep_b = ohem_mask(prob_i, selected, thresh=ohem_thresh, min_kept=ohem_min_kept)
-            n_keep_i, n_keep_b = torch.count_nonzero(keep_i), torch.count_nonzero(keep_b)
-            ce_i = torch.where(keep_i, wnll_i, 0.0).sum() / _normaliser(
-                n_keep_i.to(dtype), normalize_across_ranks
-            )
-            sb = torch.where(keep_b, wnll_i, 0.0).sum() / _normaliser(
-                n_keep_b.to(dtype), normalize_across_ranks
-            )
-            ce_i_pixels, sb_pixels = n_keep_i, n_keep_b
-        else:
-            n_selected = torch.count_nonzero(selected)
-            ce_i = wnll_i.sum() / denom
-            sel_weight = n_selected.to(dtype) if pixel_weight is None else (pixel_weight * selected).sum()
-            sb = torch.where(selected, wnll_i, 0.0).sum() / _normaliser(sel_weight, normalize_across_ranks)
-            ce_i_pixels, sb_pixels = n_valid, n_selected
-        ce = balance_weights[0] * ce_p + balance_weights[1] * ce_i
         boundary_ce = boundary_ce_weight * sb
     terms = {"ce": ce, "boundary": boundary, "boundary_ce": boundary_ce}
     diagnostics = {
-        "ce_p": ce_p.detach().float(),
+        "ce_p": px.ce_p.detach().float(),
         "ce_i": ce_i.detach().float(),
-        "valid_pixels": n_valid.float(),
+        "valid_pixels": px.n_valid.float(),
         "ce_i_pixels": ce_i_pixels.float(),
         "boundary_ce_pixels": sb_pixels.float(),
     }
@@ -276,48 +286,96 @@ def pidnet_loss(
 
 
 @dataclass(frozen=True)
-class PIDNetLossConfig:
-    """Fields of ``pidnet_loss``; defaults are PIDNet's values (its Cityscapes recipe also sets ``ohem``)."""
+class _PixelLosses:
+    """Per-pixel cross-entropies of both branches at label resolution, and what averages them."""
 
-    ignore_index: int = option(255, doc="Label value of pixels that are ignored (no loss, not counted).")
-    balance_weights: tuple[float, float] = option(
-        (0.4, 1.0), ge=0.0, doc="Weights of the P-branch and I-branch cross-entropies in `ce`."
-    )
-    boundary_weight: float = option(
-        20.0, ge=0.0, doc="Weight of the class-balanced boundary BCE (`boundary`)."
-    )
-    boundary_ce_weight: float = option(
-        1.0, ge=0.0, doc="Weight of the boundary-aware cross-entropy (`boundary_ce`; upstream SB_WEIGHTS)."
-    )
-    boundary_threshold: float = option(
-        0.8, ge=0.0, le=1.0, doc="Pixels with sigmoid(up(extra_d)) above this enter `boundary_ce`."
-    )
-    class_weights: tuple[float, ...] | None = option(
-        None, ge=0.0, min_items=1, doc="Per-class CE weights (one per class), or null for none."
-    )
-    align_corners: bool = option(
-        True, doc="align_corners of the bilinear resizing of all logits to label size."
-    )
-    ohem: bool = option(
-        False, doc="Online hard example mining for the I-branch CE and `boundary_ce` (upstream USE_OHEM)."
-    )
-    ohem_thresh: float = option(
-        0.9,
-        ge=0.0,
-        le=1.0,
-        doc="OHEM keeps pixels whose true-class probability is below max(this, the ohem_min_kept cutoff).",
-    )
-    ohem_min_kept: int = option(
-        131072,
-        ge=1,
-        doc="OHEM raises its threshold to the (ohem_min_kept+1)-th smallest probability in the batch.",
-    )
-    normalize_across_ranks: bool = option(
-        False, doc="Divide by counts averaged over torch.distributed ranks (global normalisation under DDP)."
-    )
+    valid: Tensor  # (B, H, W) bool: label in [0, C), not ignore_index
+    n_valid: Tensor  # count of valid pixels
+    weight: Tensor | None  # (B, H, W) class weight of each pixel's label (0 where not valid), or None
+    wnll_i: Tensor  # (B, H, W) I-branch NLL times the pixel's class weight
+    nll_i: Tensor  # (B, H, W) I-branch NLL (unweighted; OHEM ranks pixels by exp(-nll_i))
+    ce_p: Tensor  # the P branch's mean CE over the valid pixels (class-weighted)
+    denom: Tensor  # the CE normaliser: class-weight sum (or count) of the valid pixels, > 0
 
 
-class PIDNetLoss(Criterion):
+def _pixel_losses(
+    pred: Tensor,
+    extra_p: Tensor,
+    target: Tensor,
+    ignore_index: int,
+    class_weights: Sequence[float] | Tensor | None,
+    dtype: torch.dtype,
+    align_corners: bool,
+    normalize_across_ranks: bool,
+) -> _PixelLosses:
+    """The CE part: both branches' NLL of bilinearly upsampled logits, the P branch's mean."""
+    classes = pred.shape[1]
+    target = target.long()
+    valid = (target != ignore_index) & (target >= 0) & (target < classes)
+    labels = torch.where(valid, target, 0)
+    n_valid = torch.count_nonzero(valid)
+    nll_p = upsampled_nll(extra_p.to(dtype), labels, valid, align_corners=align_corners)
+    nll_i = upsampled_nll(pred.to(dtype), labels, valid, align_corners=align_corners)
+    if class_weights is None:
+        pixel_weight: Tensor | None = None
+        valid_weight = n_valid.to(dtype)
+        wnll_p, wnll_i = nll_p, nll_i
+    else:
+        cw = torch.as_tensor(class_weights, dtype=dtype).to(device=pred.device, non_blocking=True)
+        pixel_weight = cw[labels] * valid
+        valid_weight = pixel_weight.sum()
+        wnll_p, wnll_i = nll_p * pixel_weight, nll_i * pixel_weight
+    denom = _normaliser(valid_weight, normalize_across_ranks)
+    return _PixelLosses(valid, n_valid, pixel_weight, wnll_i, nll_i, wnll_p.sum() / denom, denom)
+
+
+def _boundary_bce(
+    extra_d: Tensor, bd_gt: Tensor, dtype: torch.dtype, align_corners: bool, normalize_across_ranks: bool
+) -> tuple[Tensor, Tensor]:
+    """The boundary part: the D branch's class-balanced BCE over every pixel (unweighted) and the
+    boundary probability map ``sigmoid(up(extra_d))`` ``(B, 1, H, W)`` (no gradient)."""
+    batch, (height, width) = bd_gt.shape[0], bd_gt.shape[-2:]
+    d_up = resize2d(extra_d.to(dtype), (height, width), align_corners=align_corners)
+    bd = bd_gt.unsqueeze(1)
+    positive = bd if bd.dtype == torch.bool else bd == 1
+    negative = ~bd if bd.dtype == torch.bool else bd == 0
+    n_pos = global_mean(torch.count_nonzero(positive).to(dtype), enabled=normalize_across_ranks, min=None)
+    n_neg = global_mean(torch.count_nonzero(negative).to(dtype), enabled=normalize_across_ranks, min=None)
+    n_all = _normaliser(
+        torch.full((), batch * height * width, dtype=dtype, device=extra_d.device), normalize_across_ranks
+    )
+    return balanced_bce(d_up, positive, negative, n_pos, n_neg, n_all)
+
+
+def _i_branch_ce(
+    px: _PixelLosses,
+    pixels: Tensor,
+    mining: dict[str, Any] | None,
+    denom: Tensor | None,
+    normalize_across_ranks: bool,
+) -> tuple[Tensor, Tensor]:
+    """The I branch's mean CE over ``pixels`` (all valid ones for ``ce``, those past the boundary
+    threshold for ``boundary_ce``) and the count of pixels it averages.
+
+    Without OHEM (``mining`` None) it is divided by the class-weight sum of ``pixels`` (``denom`` when
+    the caller has it); with OHEM, by the number of pixels OHEM keeps among them.
+    """
+    if mining is not None:
+        keep = ohem_mask(torch.exp(-px.nll_i.detach()), pixels, **mining)
+        n_keep = torch.count_nonzero(keep)
+        loss = torch.where(keep, px.wnll_i, 0.0).sum() / _normaliser(
+            n_keep.to(px.wnll_i.dtype), normalize_across_ranks
+        )
+        return loss, n_keep
+    if denom is not None:  # every valid pixel: px.denom, computed once for both branches
+        return px.wnll_i.sum() / denom, px.n_valid
+    n_selected = torch.count_nonzero(pixels)
+    weight = n_selected.to(px.wnll_i.dtype) if px.weight is None else (px.weight * pixels).sum()
+    loss = torch.where(pixels, px.wnll_i, 0.0).sum() / _normaliser(weight, normalize_across_ranks)
+    return loss, n_selected
+
+
+class PIDNetLoss(Criterion[PIDNetLossConfig]):
     """PIDNet loss: P/I-branch cross-entropy, class-balanced boundary BCE and boundary-aware CE.
 
     ``loss = ce + boundary + boundary_ce`` (the functional ``pidnet_loss`` documents each term's exact

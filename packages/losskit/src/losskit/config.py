@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""YAML loss-config loader with precise, complete error reports.
+"""Loss-config loader (YAML, or any mapping or sequence such as OmegaConf's) with precise, complete
+error reports.
 
 Accepted layouts (all equivalent)::
 
@@ -9,7 +10,8 @@ Accepted layouts (all equivalent)::
 
 Each entry: ``criterion`` (required), ``weight`` (float >= 0, null/absent = 1.0), ``name`` (optional, the
 key it is logged under; default the criterion name; unique), and the criterion's own fields.
-YAML is read with a safe loader: tags such as ``!!python/object`` are rejected.
+YAML is read with a safe loader: tags such as ``!!python/object`` are rejected. Mappings and sequences
+(OmegaConf and Hydra configs included) are read by :mod:`losskit._containers`.
 """
 
 from __future__ import annotations
@@ -58,7 +60,14 @@ class LossEntry:
 
 @dataclass
 class LossConfig:
-    """A validated loss config: its entries and where it came from."""
+    """A validated loss config: its entries and where it came from.
+
+    Attributes:
+        entries: the validated entries, in config order.
+        source: the YAML file it was read from, if any.
+        raw: the config as given (parsed YAML, or the mapping or sequence passed in).
+        lines: YAML line of each key path, where known.
+    """
 
     entries: list[LossEntry]
     source: str | None = None

@@ -1,8 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """Shared helpers of the retinanet_loss tests: seeded batches, real anchors, torchvision as reference.
 
-Imported by the test modules (which put this folder on ``sys.path``) and by the processes that
-``losskit.testing.run_on_ranks`` spawns (they inherit ``sys.path``).
+Imported by the test modules and by the processes that ``losskit.testing.run_on_ranks`` spawns
+(``tests/conftest.py`` puts this folder on ``sys.path``, which the spawned processes inherit).
 """
 
 from __future__ import annotations

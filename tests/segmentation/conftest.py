@@ -1,10 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
-"""pidnet_loss tests: make ``pidnet_helpers`` importable; one intra-op thread per test.
+"""seg_cross_entropy tests: make ``seg_helpers`` importable; one intra-op thread per test.
 
 Tests run with ``--import-mode=importlib``, which puts nothing on ``sys.path``; the helpers module (also
 imported by spawned ``torch.distributed`` ranks) is found through this folder. The machine's cores are
-shared by several processes, where OpenMP threads spin-wait and slow CPU-bound tests many times over,
-so each test runs with one thread (restored afterwards).
+shared, where OpenMP threads spin-wait, so each test runs with one thread (restored afterwards).
 """
 
 from __future__ import annotations
