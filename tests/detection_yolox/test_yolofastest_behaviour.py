@@ -145,7 +145,7 @@ def test_term_and_diagnostic_keys_never_change(counts: list[int]) -> None:
     crit.set_epoch(5)  # l1_activate_epoch has no effect
     terms = crit(out, target)
     assert tuple(terms) == crit.term_names() == ("iou", "obj", "cls")
-    assert tuple(terms.diagnostics) == crit.diagnostic_names() == ("num_fg",)
+    assert tuple(terms.diagnostics) == crit.diagnostic_names() == ("num_fg", "invalid_targets")
     assert all(t.dim() == 0 and t.dtype == torch.float32 and t.requires_grad for t in terms.values())
 
 
@@ -233,7 +233,7 @@ def test_netspresso_config_loads_unchanged_builds_and_runs() -> None:
     out, target = crit.example(2, generator=torch.Generator().manual_seed(0))
     result = loss(out, target)
     assert set(result.parts) == {f"yolofastest_loss{k}" for k in ("", "/iou", "/obj", "/cls")} | {"total"}
-    assert set(result.diagnostics) == {"yolofastest_loss/num_fg"}
+    assert set(result.diagnostics) == {"yolofastest_loss/num_fg", "yolofastest_loss/invalid_targets"}
     result.total.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in out["pred"])
 

@@ -38,7 +38,7 @@ def assert_parity(
 
     mine_out = fresh(out)
     terms = crit(mine_out, target)
-    assert tuple(terms) == TERMS and tuple(terms.diagnostics) == ("num_fg",)
+    assert tuple(terms) == TERMS and tuple(terms.diagnostics) == ("num_fg", "invalid_targets")
     assert float(terms.diagnostics["num_fg"]) == sum(int(r["fg_mask"].sum()) for r in ref_assign)
     for name in TERMS:
         want, got = ref_terms[name], terms[name]

@@ -86,3 +86,34 @@ def _inform(
 def fresh(out: dict[str, Any]) -> dict[str, Any]:
     """A copy of ``out`` with new leaf tensors (for a second backward)."""
     return {"pred": [p.detach().clone().requires_grad_(True) for p in out["pred"]]}
+
+
+def shared_model_grads(
+    levels: list[Tensor], target: dict[str, Any], **fields: Any
+) -> tuple[list[Tensor], Any]:
+    """Gradients of the loss w.r.t. a shared per-level offset ``theta`` (a stand-in for model weights:
+    ``pred = levels + theta``), and the loss terms."""
+    from losskit_detection_yolox import YOLOFastestLoss
+
+    theta = [torch.zeros_like(p[:1]).requires_grad_(True) for p in levels]
+    crit = YOLOFastestLoss(anchors=V2_ANCHORS, **fields)
+    terms = crit({"pred": [p + t for p, t in zip(levels, theta)]}, target)
+    sum(terms.values()).backward()
+    return [t.grad for t in theta], terms
+
+
+def ddp_rank(rank: int, world_size: int, halves: list[tuple[list[Tensor], dict[str, Any]]]) -> dict[str, Any]:
+    """One data-parallel rank (gloo): its half of the batch, DDP-style gradient averaging of ``theta``."""
+    import torch.distributed as dist
+
+    levels, target = halves[rank]
+    result: dict[str, Any] = {}
+    for flag in (True, False):
+        grads, terms = shared_model_grads(levels, target, normalize_across_ranks=flag)
+        for g in grads:
+            dist.all_reduce(g)
+            g /= world_size
+        result[flag] = grads
+        result["keys"] = (tuple(terms), tuple(terms.diagnostics))
+        result["num_fg"] = float(terms.diagnostics["num_fg"])
+    return result

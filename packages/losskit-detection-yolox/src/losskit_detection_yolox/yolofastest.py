@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from losskit import Criterion, InputError, LossTerms, option
-from losskit.checks import fmt_shape, value_checks_enabled
+from losskit.checks import explain_non_finite, fmt_shape, missing_key_error, value_checks_enabled
 from losskit.tensors import autocast_off
 from losskit_detection_yolox._assign import AnchorGrid, Assignment
 from losskit_detection_yolox.yolox import (
@@ -40,7 +40,7 @@ LOG3 = math.log(3.0)
 #: NetsPresso Trainer's YOLO-Fastest-v2 anchors (pixels, strides 16 and 32), for examples and docs.
 V2_ANCHORS = ((12.0, 18.0, 37.0, 49.0, 52.0, 132.0), (115.0, 73.0, 119.0, 199.0, 242.0, 238.0))
 _TERMS = ("iou", "obj", "cls")
-_DIAGNOSTICS = ("num_fg",)
+_DIAGNOSTICS = ("num_fg", "invalid_targets")
 
 
 @dataclass(frozen=True)
@@ -106,8 +106,7 @@ def _levels(out: Any, anchors: Sequence[Sequence[float]]) -> list[Tensor]:
     if not isinstance(out, Mapping):
         raise InputError(NAME, "out", f"expected a mapping with key 'pred', got {type(out).__name__}")
     if "pred" not in out:
-        keys = ", ".join(repr(k) for k in out) or "none"
-        raise InputError(NAME, key, f"missing; out has keys {keys}; expected: {expected}")
+        raise missing_key_error(NAME, "out", "pred", out, expected)
     pred = out["pred"]
     if isinstance(pred, Tensor) or not isinstance(pred, Sequence) or isinstance(pred, str):
         given = (
@@ -162,12 +161,14 @@ def _level(p: Any, i: int, anchors: Sequence[float], first: Tensor | None) -> Te
                 where,
                 f"expected {first.shape[2]} channels (5 + C) as level 0, got shape {fmt_shape(p.shape)}",
             )
-        if p.dtype != first.dtype or p.device != first.device:
+        if p.device != first.device:
             raise InputError(
                 NAME,
                 where,
-                f"dtype/device {p.dtype}/{p.device} differ from level 0's {first.dtype}/{first.device}",
+                f"is on {p.device}, but out['pred'][0] is on {first.device}; move both to one device",
             )
+        if p.dtype != first.dtype:
+            raise InputError(NAME, where, f"dtype {p.dtype} differs from out['pred'][0]'s {first.dtype}")
     return p
 
 
@@ -186,8 +187,11 @@ def _prepare(out: Any, target: Any, *, anchors: Sequence[Sequence[float]], num_c
     batch = int(levels[0].shape[0])
     if value_checks_enabled(levels[0]):
         for i, p in enumerate(levels):
-            if not bool(torch.isfinite(p.detach().sum())) and not bool(torch.isfinite(p).all()):
-                raise InputError(NAME, f"out['pred'][{i}]", "contains non-finite values (nan or inf)")
+            # the sum is non-finite when any value is (or, rarely, on overflow: then look closer)
+            if not bool(torch.isfinite(p.detach().sum())):
+                err = explain_non_finite(NAME, [(f"out['pred'][{i}]", p.detach())])
+                if err is not None:
+                    raise err
     gts = _ground_truths(target, batch, c, device, NAME)
     sizes = [[(float(a[j]), float(a[j + 1])) for j in range(0, len(a), 2)] for a in anchors]
     grid = AnchorGrid.build(shapes, strides, device, anchor_sizes=sizes)
@@ -333,8 +337,9 @@ def yolofastest_loss(
     Returns:
         :class:`losskit.LossTerms` with the float32 terms ``iou = reg_weight sum_fg loss_iou``,
         ``obj = sum over all anchors of BCE(obj, fg)``, ``cls = sum_fg sum_c BCE(cls_c, onehot_c IoU)``,
-        each divided by ``num_fg = max(foreground anchors of the batch, 1)``, and the diagnostic
-        ``num_fg`` (before the clamp).
+        each divided by ``num_fg = max(foreground anchors of the batch, 1)``, and the diagnostics
+        ``num_fg`` (before the clamp) and ``invalid_targets`` (ground truths left out of matching:
+        labels outside ``[0, C)``, inverted or non-finite boxes, when value checks are off).
     """
     cfg = _config(
         anchors=anchors,
