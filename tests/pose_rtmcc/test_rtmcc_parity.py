@@ -167,3 +167,46 @@ def test_gradcheck_float64() -> None:
             return terms["x"] + 2.0 * terms["y"]
 
         assert torch.autograd.gradcheck(f, (pred.clone().requires_grad_(),))
+
+
+def test_fp32_near_convergence_against_fp64() -> None:
+    """A nearly converged head (logits = the label softmax's logits + 0.1 noise): the fp32 value keeps
+    ~4 digits (it is a difference of two sums), the fp32 gradient stays as exact as the reference's."""
+    size = (64, 48)
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(4, 5, 2, generator=g, dtype=torch.float64) * torch.tensor(size, dtype=torch.float64)
+    kp = torch.cat((xy, torch.full((4, 5, 1), 2.0, dtype=torch.float64)), -1)
+    t_x, t_y, _, _ = reference_encode(kp, input_size=size)
+    labels = torch.cat((torch.from_numpy(t_x), torch.from_numpy(t_y)), -1)
+    pred64 = (labels * 10.0 + 0.1 * torch.randn(labels.shape, generator=g, dtype=torch.float64)) / 10.0
+    pred64.requires_grad_()
+    ref = reference_loss(pred64, kp, input_size=size)
+    (g64,) = torch.autograd.grad(ref["x"] + ref["y"], pred64)
+    pred32 = pred64.detach().float().requires_grad_()
+    ours = RTMCCLoss(input_size=size)({"pred": pred32}, {"keypoints": kp.float()})
+    value = ours["x"] + ours["y"]
+    (g32,) = torch.autograd.grad(value, pred32)
+    assert float(ref["x"] + ref["y"]) < 1e-3  # nearly converged
+    torch.testing.assert_close(value.double(), (ref["x"] + ref["y"]).detach(), rtol=2e-4, atol=0)
+    assert float((g32.double() - g64).abs().max() / g64.abs().max()) < 2e-5
+
+
+def test_row_blocks_give_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPU blocks of rows (here 3 rows of 32 + 24 bins, the last block shorter) change nothing."""
+    import losskit_pose_rtmcc._simcc as simcc
+
+    pred, keypoints = make_batch(3, 5, (16, 12), 2.0, dtype=torch.float64, seed=8)
+    crit = RTMCCLoss(input_size=(16, 12), sigma=(2.0, 1.5))
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        terms = crit({"pred": pred}, {"keypoints": keypoints})
+        total = terms["x"] + 2.0 * terms["y"]
+        (grad,) = torch.autograd.grad(total, pred)
+        return total.detach(), grad
+
+    whole = run()
+    monkeypatch.setattr(simcc, "CPU_BLOCK", 3 * 32)
+    assert len(simcc._blocks(15, 32, pred.device)) == 5 and simcc._blocks(15, 24, pred.device)[-1] == (12, 15)
+    blocked = run()
+    torch.testing.assert_close(blocked[0], whole[0], rtol=1e-14, atol=0)
+    torch.testing.assert_close(blocked[1], whole[1], rtol=1e-14, atol=1e-17)
