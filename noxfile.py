@@ -24,6 +24,7 @@ PLUGINS = (
     "detection-detr",
     "pose-rtmcc",
     "detection-yolov9",
+    "segmentation",
 )
 #: Distributions below the plugins (no criterion of their own) that a plugin's session also installs.
 LIBRARIES = ("ops",)

@@ -35,6 +35,7 @@ def test_a_config_per_plugin() -> None:
         "detection-detr",
         "pose-rtmcc",
         "detection-yolov9",
+        "segmentation",
     } <= names
 
 

@@ -4,6 +4,8 @@ criterion's forward/backward under ``torch.cuda.set_sync_debug_mode("error")``, 
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -14,6 +16,9 @@ from losskit.registry import FIRST_PARTY
 REQUIRED = {"yolofastest_loss": {"anchors": [[12, 18, 37, 49, 52, 132], [115, 73, 119, 199, 242, 238]]}}
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+#: Criteria whose issue allows host syncs per step, and how many: detr_loss solves its Hungarian matching
+#: on the host (one read-back of every output set's costs; the copy of the matches back is pinned).
+HOST_SYNCS = {"detr_loss": 2}
 
 
 @cuda
@@ -23,12 +28,17 @@ def test_no_host_sync_on_cuda(name: str) -> None:
     out, target = loss[name].example(4, device="cuda", generator=torch.Generator().manual_seed(0))
     loss(out, target)  # warm-up: lazy init may sync once
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
+    allowed = HOST_SYNCS.get(name, 0)
+    torch.cuda.set_sync_debug_mode("warn" if allowed else "error")
     try:
-        result = loss(out, target)
-        result.total.backward()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = loss(out, target)
+            result.total.backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= allowed, [str(w.message) for w in syncs]
     assert torch.isfinite(result.total).item()
 
 

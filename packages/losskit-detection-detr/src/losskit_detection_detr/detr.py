@@ -24,6 +24,7 @@ from losskit import Criterion, InputError, LossTerms, option
 from losskit.checks import fmt_shape, get_box_targets, value_checks_enabled
 from losskit.dist import global_mean
 from losskit.tensors import autocast_off, graph_zero
+from losskit_detection_detr._example import make_example
 from losskit_detection_detr._match import NAME, hungarian, iou_giou, pair_cost, xyxy
 from losskit_ops import sigmoid_focal_loss_indexed
 
@@ -611,7 +612,8 @@ class _Varifocal(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         s, index, at_pos = ctx.saved_tensors
         k = s.shape[0]
-        g = torch.pow(s, 3) if ctx.gamma == 2.0 else torch.pow(s, ctx.gamma + 1)
+        # torch.pow(s, 3) is not vectorised on CPU (about 20x slower than two multiplications)
+        g = torch.square(s).mul_(s) if ctx.gamma == 2.0 else torch.pow(s, ctx.gamma + 1)
         g = g.mul_((grad * ctx.alpha).view(k, *([1] * (s.dim() - 1))))
         g.view(k, -1).scatter_add_(1, index, at_pos * grad[:, None])
         return g, None, None, None, None, None
@@ -821,10 +823,10 @@ class DetrLoss(Criterion[DetrLossConfig]):
         device: torch.device | str | None = None,
         generator: torch.Generator | None = None,
     ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """RT-DETR-shaped outputs: 3 decoder layers + encoder top-k over 20 queries, 2 denoising
-        groups, C = 4 (or ``num_classes``; + 1 with 'labels'), 64x64 input, 0-5 boxes per image."""
-        from losskit_detection_detr._example import make_example
-
+        """RT-DETR-shaped outputs: 3 decoder layers + the encoder's top-k over 20 queries, denoising
+        with ``num_denoising = 10`` (``G = 10 // max n`` groups, RT-DETR's layout), C = 4 (or
+        ``num_classes``; + 1 no-object logit with 'labels'), a 64x64 input, 0-5 boxes per image (at
+        least one in the first)."""
         c = self.config.num_classes or 4
         extra = 1 if "labels" in self.config.losses else 0
         gen = generator if generator is not None else torch.Generator().manual_seed(0)

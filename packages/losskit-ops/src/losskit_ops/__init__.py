@@ -9,6 +9,7 @@ uses torchvision's.
 from __future__ import annotations
 
 from losskit_ops._resize import resize2d
+from losskit_ops._upsampled_ce_sum import upsampled_ce_sum
 from losskit_ops._upsampled_nll import upsampled_nll
 from losskit_ops._yolo_iou import (
     YoloBoxParts,
@@ -33,6 +34,7 @@ __all__ = [
     "sigmoid_focal_loss",
     "sigmoid_focal_loss_indexed",
     "sigmoid_focal_loss_reference",
+    "upsampled_ce_sum",
     "upsampled_nll",
     "yolo_box_iou",
     "yolo_box_parts",

@@ -52,6 +52,7 @@ FIRST_PARTY: dict[str, str] = {
     "detr_loss": "losskit-detection-detr",
     "rtmcc_loss": "losskit-pose-rtmcc",
     "yolov9_loss": "losskit-detection-yolov9",
+    "seg_cross_entropy": "losskit-segmentation",
 }
 
 
