@@ -175,7 +175,8 @@ def test_required_field_is_reported_with_its_example_and_documented() -> None:
 
     for values in ({}, {"sizes": None}):
         problems: list[tuple[str, str]] = []
-        assert validate_config(_WithRequired, values, report=lambda f, m: problems.append((f, m))) is None
+        report = problems.append
+        assert validate_config(_WithRequired, values, report=lambda f, m, add=report: add((f, m))) is None
         assert problems == [("sizes", "required: anchor sizes in pixels; e.g. sizes: [8.0, 16.0]")]
     ok = validate_config(_WithRequired, {"sizes": [4, 5]}, report=lambda f, m: None)
     assert ok == _WithRequired(sizes=(4.0, 5.0))

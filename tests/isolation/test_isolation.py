@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import os
-from typing import Any
 
 import pytest
 
@@ -21,7 +20,6 @@ from losskit.schema import required_examples
 
 DISTRIBUTIONS = sorted(set(FIRST_PARTY.values()))
 #: Fields a criterion cannot be built without (they have no default), for the ones that have any.
-
 
 
 def _installed(dist: str) -> bool:
