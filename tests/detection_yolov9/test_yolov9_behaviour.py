@@ -86,10 +86,10 @@ def test_under_cpu_autocast_bf16_the_result_is_the_float32_one() -> None:
 
 def test_softplus_sum_matches_float64() -> None:
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 7, 101, generator=gen) * 8  # 2121 elements: a partial last block
+    x = torch.randn(3, 700, 101, generator=gen) * 8  # several chunks, partial last blocks
     want = float(F.softplus(x.double()).sum())
     assert float(softplus_sum(x)) == pytest.approx(want, rel=1e-6)
-    big = torch.tensor([-200.0, -30.0, 0.0, 30.0, 200.0] * 7)
+    big = torch.tensor([-200.0, -30.0, 0.0, 30.0, 200.0] * 7).view(1, 5, 7)
     assert float(softplus_sum(big)) == pytest.approx(float(F.softplus(big.double()).sum()), rel=1e-6)
 
 
@@ -136,3 +136,20 @@ def test_500_boxes_in_one_image_stay_under_1_gb() -> None:
     peak = peak_memory(step)
     assert 0 < peak < 1 << 30
     assert all(torch.isfinite(p.grad).all() for p in pred)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("assigner", ["netspresso", "upstream"])
+def test_cuda_forward_and_backward_without_host_sync(assigner: str) -> None:
+    from losskit.testing import no_host_sync
+
+    pred, gt, img = case([5, 0, 3], seed=9, cls_bias=1.0)
+    levels = [p.detach().cuda().requires_grad_(True) for p in pred]
+    gts = [{k: v.cuda() for k, v in g.items()} for g in gt]
+    crit = YOLOv9Loss(assigner=assigner)
+    want = crit({"pred": pred}, {"gt": gt, "img_size": img})
+    with no_host_sync():
+        terms = crit({"pred": levels}, {"gt": gts, "img_size": img})
+        terms.total.backward()
+    for k in want:
+        assert float(terms[k]) == pytest.approx(float(want[k]), rel=1e-4)

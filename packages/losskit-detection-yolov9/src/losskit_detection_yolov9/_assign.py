@@ -7,8 +7,8 @@ the temporaries of the CIoU stay bounded. Per-anchor decisions (duplicates, the 
 reductions of those rows into ``(B, A)`` by image index: no Python loop over images or ground truths.
 
 Memory of one assignment: ``G x A`` float32 CIoU and score matrices plus a few ``G x A`` bool and
-int64 temporaries (about 30 bytes per pair: 250 MB for 500 ground truths at 8400 anchors), and
-about 40 float32 ``chunk x A`` temporaries for the CIoU (``chunk x A <= 2^20``: about 170 MB).
+float32 temporaries of the reductions (about 25 bytes per pair: about 100 MB for 500 ground truths at
+8400 anchors), and about 40 float32 temporaries of ``2^18`` values for a chunk's CIoU (about 40 MB).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ NORM_EPS = 1e-9
 #: The upper clamp of DFL targets and the reach test of the upstream matcher are ``reg_max - REACH_MARGIN``.
 REACH_MARGIN = 1.01
 #: Rows of the ``(G, A)`` matrices computed at once: ``chunk x A`` stays under this many pairs.
-CHUNK_PAIRS = 1 << 20
+CHUNK_PAIRS = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -131,13 +131,24 @@ def decode_distances(logits: Tensor, reg_max: int) -> Tensor:
 
 
 @torch.no_grad()
+def _expected_bins(logits: Tensor, reg_max: int) -> Tensor:
+    """:func:`decode_distances` without gradient, reading a strided view once: ``sum_r r e_r / sum_r e_r``
+    with ``e = exp(logits - max)`` (no contiguous copy of the logits, one buffer)."""
+    e = (logits - logits.amax(2, keepdim=True)).exp_()
+    total = e.sum(2)
+    bins = torch.arange(reg_max, dtype=e.dtype, device=e.device).view(1, 1, reg_max, 1)
+    return e.mul_(bins).sum(2).div_(total)
+
+
+@torch.no_grad()
 def decode_levels(levels: Sequence[Tensor], grid: AnchorGrid, reg_max: int) -> Tensor:
     """Detached float32 predicted boxes ``(B, 4, A)`` xyxy in pixels of every anchor."""
     dists = []
     for p in levels:
         b = p.shape[0]
         reg = p[:, : 4 * reg_max].detach().to(torch.float32).reshape(b, 4, reg_max, -1)
-        dists.append(decode_distances(reg, reg_max))
+        # side by side: each chunk's buffer stays in cache through its passes
+        dists.append(torch.cat([_expected_bins(reg[:, i : i + 1], reg_max) for i in range(4)], 1))
     d = torch.cat(dists, 2) * grid.stride
     return torch.stack((grid.x - d[:, 0], grid.y - d[:, 1], grid.x + d[:, 2], grid.y + d[:, 3]), 1)
 
@@ -182,7 +193,7 @@ def _scores(
         inside &= test
         inside &= torch.lt(y1, grid.y, out=test)
         inside &= torch.lt(grid.y, y2, out=test)
-        score.mul_(inside)
+        score.masked_fill_(~inside, 0.0)
     else:
         near = grid.x - x1
         side = grid.y - y1
@@ -245,11 +256,11 @@ def match(
         for start in range(0, g, step):  # chunks of rows bound the CIoU's temporaries
             rows = slice(start, min(g, start + step))
             iou[rows], score[rows], inside[rows] = _scores(levels, grid, pred, gts, rows, **kwargs)  # type: ignore[arg-type]
-    kept = _top_k(score * inside if assigner == "upstream" else score, topk)
+    kept = _top_k(score.masked_fill(~inside, 0.0) if assigner == "upstream" else score, topk)
     if assigner == "upstream":
         _ensure_one(score, kept)
-    owner = _owners(iou, kept, gts, b, assigner)
-    return Match(owner.to(torch.int64), _soft_scores_(iou, score, owner, gts, b))
+    owner = _owners(iou, kept, gts, b, assigner).to(torch.int64)
+    return Match(owner, _soft_scores(iou, score, owner))
 
 
 def _top_k(score: Tensor, topk: int) -> Tensor:
@@ -275,7 +286,7 @@ def _owners(iou: Tensor, kept: Tensor, gts: GroundTruths, batch: int, assigner: 
     row = torch.arange(g, device=iou.device, dtype=iou.dtype)[:, None]
     count = iou.new_zeros(batch, a).index_add_(0, gts.image, kept.to(iou.dtype))
     single = iou.new_full((batch, a), -1.0).scatter_reduce_(0, image, torch.where(kept, row, -1.0), "amax")
-    value = iou if assigner == "netspresso" else iou * kept
+    value = iou if assigner == "netspresso" else iou.masked_fill(~kept, 0.0)
     best = iou.new_zeros(batch, a).scatter_reduce_(0, image, value, "amax")
     is_best = value == best.index_select(0, gts.image)
     first = iou.new_full((batch, a), float(g)).scatter_reduce_(
@@ -284,14 +295,16 @@ def _owners(iou: Tensor, kept: Tensor, gts: GroundTruths, batch: int, assigner: 
     return torch.where(count > 1, first, torch.where(count > 0, single, -1.0))
 
 
-def _soft_scores_(iou: Tensor, score: Tensor, owner: Tensor, gts: GroundTruths, batch: int) -> Tensor:
+def _soft_scores(iou: Tensor, score: Tensor, owner: Tensor) -> Tensor:
     """``(B, A)`` soft target ``M / (max M + 1e-9) * max CIoU`` of each anchor, maxima over the anchors
-    its owner row finally holds (``owner`` as float rows, ``-1`` for background). Overwrites ``iou``
-    and ``score``."""
-    g = iou.shape[0]
-    owns = owner.index_select(0, gts.image) == torch.arange(g, device=iou.device, dtype=owner.dtype)[:, None]
-    held = score.mul_(owns)
-    top_iou = iou.mul_(owns).amax(1, keepdim=True)
-    top_score = held.amax(1, keepdim=True)
-    norm = held.div_(top_score + NORM_EPS).mul_(top_iou)
-    return iou.new_zeros(batch, iou.shape[1]).index_add_(0, gts.image, norm)
+    its owner row (``owner``, ``-1`` for background) finally holds: the owners' values are read at
+    the ``B x A`` anchors and reduced by row, not over the ``G x A`` matrices."""
+    g, a = iou.shape
+    fg = owner >= 0
+    row = owner.clamp(min=0)
+    at = (row * a + torch.arange(a, device=iou.device)).reshape(-1)
+    held_iou = torch.where(fg, iou.reshape(-1).take(at).view_as(owner), 0.0)
+    held = torch.where(fg, score.reshape(-1).take(at).view_as(owner), 0.0)
+    top_iou = iou.new_zeros(g).scatter_reduce_(0, row.reshape(-1), held_iou.reshape(-1), "amax")
+    top_score = iou.new_zeros(g).scatter_reduce_(0, row.reshape(-1), held.reshape(-1), "amax")
+    return held / (top_score[row] + NORM_EPS) * top_iou[row]

@@ -307,21 +307,34 @@ def _prepare(
 _LOG_BLOCK = 16
 
 
-def softplus_sum(x: Tensor) -> Tensor:
-    """``sum softplus(x)`` without gradient, one ``log`` per 16 elements.
+#: Elements per chunk of :func:`softplus_sum` (a chunk's buffer stays in cache through its passes).
+_CHUNK = 1 << 18
 
-    ``softplus(x) = max(x, 0) + log(1 + exp(-|x|))`` and the factors ``1 + exp(-|x|)`` lie in
-    ``(1, 2]``, so a product of 16 of them is at most ``2^16``: the sum of logs is the log of block
-    products. On CPU ``log`` costs about ten times ``exp``; this is 3-4 times faster than
-    ``F.softplus(x).sum()`` and as accurate (the rounding of the products is about ``1e-6`` per
-    block and averages out).
-    """
+
+def _softplus_sum_block(x: Tensor) -> Tensor:
     magnitude = x.abs()
     positive_part = (x.sum() + magnitude.sum()) / 2  # sum max(x, 0), without another buffer
     factors = magnitude.neg_().exp_().add_(1).reshape(-1)
     n = factors.numel() // _LOG_BLOCK * _LOG_BLOCK
     blocks = factors[:n].view(-1, _LOG_BLOCK).prod(1)
     return blocks.log_().sum() + factors[n:].log().sum() + positive_part
+
+
+def softplus_sum(x: Tensor) -> Tensor:
+    """``sum softplus(x)`` of a ``(B, C, N)`` tensor without gradient, one ``log`` per 16 elements.
+
+    ``softplus(x) = max(x, 0) + log(1 + exp(-|x|))`` and the factors ``1 + exp(-|x|)`` lie in
+    ``(1, 2]``, so a product of 16 of them is at most ``2^16``: the sum of logs is the log of block
+    products. On CPU ``log`` costs about ten times ``exp``; this is 3-4 times faster than
+    ``F.softplus(x).sum()`` and as accurate (the rounding of the products is about ``1e-6`` per
+    block and averages out). Channels are taken in chunks of about ``2^18`` elements, so that each
+    chunk's buffer stays in cache through its five passes.
+    """
+    per = max(1, _CHUNK // max(1, x.shape[0] * x.shape[2]))
+    total = x.new_zeros(())
+    for start in range(0, x.shape[1], per):
+        total = total + _softplus_sum_block(x[:, start : start + per])
+    return total
 
 
 class _Head(torch.autograd.Function):
