@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Benchmark: losskit's batched ``yolox_loss`` against a per-image loop with YOLOX's structure.
+"""Benchmark: losskit's batched ``yolox_loss`` and ``yolofastest_loss`` against per-image loops.
 
 The baseline is ``tests/detection_yolox/yolox_reference.py`` (the reference the parity tests compare
 with): a Python loop over images, a ``(num_gt, candidates, C)`` class cost and a Python loop over
@@ -10,13 +10,18 @@ ground truths, as in YOLOX's ``yolo_head.py``. Both run in this process on the s
 * ``crowded``: the same with 80-120 boxes per image (mean 100);
 * ``crowd500``: one image with 500 boxes (losskit only; the baseline's ``500 x 8400 x 80`` class cost
   alone would take about 1.3 GB per copy).
+* ``fastest``: ``yolofastest_loss`` (YOLO-Fastest-v2 head): B=8, 352x352 input, 2 levels (22x22 and
+  11x11, strides 16/32) x 3 anchors (NetsPresso's v2 anchors; 1815 anchors), C=80, the boxes per image
+  of ``coco``. Its baseline is ``tests/detection_yolox/yolofastest_reference.py``, written like
+  NetsPresso Trainer's ``YOLOFastestLoss`` (a subclass of the YOLOX-structured loop above: the same
+  per-image loop with its host reads, only the decode changes). No L1 term in either.
 
 Times are medians over repeated runs (after one warm-up) of the forward pass (loss value, graph built)
 and of forward plus backward. Peak extra memory is the largest amount of CPU memory allocated by torch
 during one forward plus backward, above what was allocated before it (from the profiler's memory
 events). ``losskit`` sizes the candidate tensors exactly (``candidate_slots="exact"``, the CPU
 default); ``losskit static`` uses the bound known on the host (the accelerator default, no sync).
-The L1 term is on (all four terms computed).
+The L1 term of ``yolox_loss`` is on (all four terms computed).
 
 Run: ``flock /tmp/losskit-bench.lock python benchmarks/detection_yolox.py [--threads 1] [--repeats 5]``.
 """
@@ -40,7 +45,7 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from losskit_detection_yolox import YOLOXLoss
+from losskit_detection_yolox import YOLOFastestLoss, YOLOXLoss
 
 HELPERS = Path(__file__).resolve().parents[1] / "tests" / "detection_yolox"
 
@@ -56,14 +61,40 @@ def _load(name: str) -> ModuleType:
 
 cases = _load("yolox_cases")
 reference = _load("yolox_reference")
+fastest_cases = _load("yolofastest_cases")
+fastest_reference = _load("yolofastest_reference")
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "coco": {"counts": [12, 4, 20, 7, 50, 1, 0, 2]},
     "crowded": {"counts": [100, 80, 120, 90, 110, 95, 105, 100]},
     "crowd500": {"counts": [500], "baseline": False},
+    "fastest": {"counts": [12, 4, 20, 7, 50, 1, 0, 2], "head": "yolofastest"},
 }
+LOOPS = {"yolox": "YOLOX-structured loop", "yolofastest": "NetsPresso-structured loop"}
 
 Loss = Callable[[list[torch.Tensor]], torch.Tensor]
+
+
+def fastest_implementations(target: dict[str, Any], num_classes: int) -> dict[str, Loss]:
+    """``yolofastest_loss`` and its NetsPresso-structured per-image reference (no L1 term in either)."""
+    anchors = fastest_cases.V2_ANCHORS
+    ref = fastest_reference.ReferenceYOLOFastest(num_classes, anchors)
+    exact = YOLOFastestLoss(anchors=anchors, candidate_slots="exact")
+    static = YOLOFastestLoss(anchors=anchors, candidate_slots="static")
+
+    def baseline(pred: list[torch.Tensor]) -> torch.Tensor:
+        terms, _ = ref(pred, target["gt"], target["img_size"])
+        return terms["iou"] + terms["obj"] + terms["cls"]
+
+    return {
+        LOOPS["yolofastest"]: baseline,
+        "losskit": lambda pred: _sum(exact({"pred": pred}, target)),
+        "losskit static": lambda pred: _sum(static({"pred": pred}, target)),
+    }
+
+
+def _sum(terms: dict[str, torch.Tensor]) -> torch.Tensor:
+    return terms["iou"] + terms["obj"] + terms["cls"]
 
 
 def implementations(target: dict[str, Any], num_classes: int) -> dict[str, Loss]:
@@ -118,12 +149,19 @@ def peak_memory(fn: Loss, out: dict[str, Any]) -> int:
     return max(0, *(m["Total Allocated"] - start for m in memory))
 
 
-def parity(out: dict[str, Any], target: dict[str, Any], num_classes: int) -> tuple[float, bool]:
-    """Largest relative difference of the four terms, and whether the assignments are identical."""
-    ref_terms, ref_assign = reference.ReferenceYOLOX(num_classes, use_l1=True)(
-        leaves(out), target["gt"], target["img_size"]
-    )
-    crit = YOLOXLoss(l1_activate_epoch=0)
+def parity(
+    out: dict[str, Any], target: dict[str, Any], num_classes: int, head: str = "yolox"
+) -> tuple[float, bool]:
+    """Largest relative difference of the terms, and whether the assignments are identical."""
+    crit: YOLOXLoss | YOLOFastestLoss
+    if head == "yolofastest":
+        anchors = fastest_cases.V2_ANCHORS
+        ref = fastest_reference.ReferenceYOLOFastest(num_classes, anchors)
+        crit = YOLOFastestLoss(anchors=anchors)
+    else:
+        ref = reference.ReferenceYOLOX(num_classes, use_l1=True)
+        crit = YOLOXLoss(l1_activate_epoch=0)
+    ref_terms, ref_assign = ref(leaves(out), target["gt"], target["img_size"])
     terms = crit({"pred": leaves(out)}, target)
     worst = max(
         abs(float(terms[k].detach()) - float(ref_terms[k].detach()))
@@ -161,34 +199,33 @@ def main(argv: list[str] | None = None) -> None:
     notes = []
     for name in args.settings:
         spec = SETTINGS[name]
-        out, target = cases.make_batch(
+        head = spec.get("head", "yolox")
+        loop = LOOPS[head]
+        make = fastest_cases.make_batch if head == "yolofastest" else cases.make_batch
+        out, target = make(
             0,
             batch=len(spec["counts"]),
             num_classes=num_classes,
-            img=640,
+            img=352 if head == "yolofastest" else 640,
             counts=spec["counts"],
             informed=0.5,
         )
-        impls = implementations(target, num_classes)
+        impls = (fastest_implementations if head == "yolofastest" else implementations)(target, num_classes)
         if not spec.get("baseline", True):
-            impls.pop("YOLOX-structured loop")
+            impls.pop(loop)
         else:
-            worst, same = parity(out, target, num_classes)
+            worst, same = parity(out, target, num_classes, head)
             notes.append(
                 f"{name}: identical assignment: {same}; largest relative term difference {worst:.1e}"
             )
         rows = {}
         for label, fn in impls.items():
-            reps = (
-                args.repeats
-                if label != "YOLOX-structured loop" or name == "coco"
-                else max(2, args.repeats // 2)
-            )
+            reps = args.repeats if label != loop or name != "crowded" else max(2, args.repeats // 2)
             rows[label] = (timed(fn, out, reps, False), timed(fn, out, reps, True), peak_memory(fn, out))
-        base = rows.get("YOLOX-structured loop")
+        base = rows.get(loop)
         for label, (fwd, both, mem) in rows.items():
             ratio = ("", "", "")
-            if base is not None and label != "YOLOX-structured loop":
+            if base is not None and label != loop:
                 ratio = (f"{base[0] / fwd:.1f}x", f"{base[1] / both:.1f}x", f"{mem / base[2]:.2f}x")
             print(
                 f"| {name} | {label} | {fwd * 1e3:.1f} | {both * 1e3:.1f} | {mem / 2**20:.1f} | "
