@@ -159,3 +159,30 @@ def test_described_with_dotted_rows_and_rendered_as_valid_yaml(
     assert "matcher.weight_dict.cost_bbox" in text
     assert main(["describe", "nested_cfg"], registry=registry) == 0
     assert "matcher.type" in capsys.readouterr().out
+
+
+@dataclass(frozen=True)
+class _WithRequired:
+    sizes: tuple[float, ...] | None = losskit.option(
+        None, gt=0.0, required=True, example=(8.0, 16.0), doc="Anchor sizes in pixels."
+    )
+    scale: float = losskit.option(1.0, doc="A scale.")
+
+
+def test_required_field_is_reported_with_its_example_and_documented() -> None:
+    from losskit.docgen import _default_cell, _yaml_lines
+    from losskit.schema import describe_fields, required_examples, validate_config
+
+    for values in ({}, {"sizes": None}):
+        problems: list[tuple[str, str]] = []
+        report = problems.append
+        assert validate_config(_WithRequired, values, report=lambda f, m, add=report: add((f, m))) is None
+        assert problems == [("sizes", "required: anchor sizes in pixels; e.g. sizes: [8.0, 16.0]")]
+    ok = validate_config(_WithRequired, {"sizes": [4, 5]}, report=lambda f, m: None)
+    assert ok == _WithRequired(sizes=(4.0, 5.0))
+    assert required_examples(_WithRequired) == {"sizes": [8.0, 16.0]}
+    fields = describe_fields(_WithRequired)
+    assert [_default_cell(f) for f in fields] == ["required", "1.0"]
+    assert _yaml_lines(fields, "") == ["sizes: [8.0, 16.0]", "scale: 1.0"]
+    with pytest.raises(TypeError, match="required=True"):
+        losskit.option(1.0, required=True, example=2.0, doc="x")

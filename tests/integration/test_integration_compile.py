@@ -10,17 +10,23 @@ compiler; dynamo's tracing, where a read would fail, is the same for every backe
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 import losskit
 from losskit.registry import FIRST_PARTY
+from losskit.schema import required_examples
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 #: Fields a criterion cannot be built without (they have no default), for the ones that have any.
-REQUIRED = {"yolofastest_loss": {"anchors": [[12, 18, 37, 49, 52, 132], [115, 73, 119, 199, 242, 238]]}}
+
+
+def _required(name: str) -> dict[str, Any]:
+    """The example values of the criterion's required fields (for building it without a config file)."""
+    return required_examples(losskit.get_registry().get(name).cls.Config)
 
 
 def _leaves(out):
@@ -44,7 +50,7 @@ def _fresh_dynamo():
 
 @pytest.mark.parametrize("name", sorted(FIRST_PARTY))
 def test_criterion_compiles_into_one_graph(name: str) -> None:
-    crit = losskit.get_registry().get(name).cls(**REQUIRED.get(name, {}))
+    crit = losskit.get_registry().get(name).cls(**_required(name))
     out, target = crit.example(2, generator=torch.Generator().manual_seed(0))
     leaves = _leaves(out)
     eager = crit(out, target)

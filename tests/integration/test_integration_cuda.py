@@ -5,15 +5,16 @@ criterion's forward/backward under ``torch.cuda.set_sync_debug_mode("error")``, 
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import pytest
 import torch
 
 import losskit
 from losskit.registry import FIRST_PARTY
+from losskit.schema import required_examples
 
 #: Fields a criterion cannot be built without (they have no default), for the ones that have any.
-REQUIRED = {"yolofastest_loss": {"anchors": [[12, 18, 37, 49, 52, 132], [115, 73, 119, 199, 242, 238]]}}
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 #: Criteria whose issue allows host syncs per step, and how many: detr_loss solves its Hungarian matching
@@ -21,10 +22,15 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 HOST_SYNCS = {"detr_loss": 2}
 
 
+def _required(name: str) -> dict[str, Any]:
+    """The example values of the criterion's required fields (for building it without a config file)."""
+    return required_examples(losskit.get_registry().get(name).cls.Config)
+
+
 @cuda
 @pytest.mark.parametrize("name", sorted(FIRST_PARTY))
 def test_no_host_sync_on_cuda(name: str) -> None:
-    loss = losskit.build_losses([{"criterion": name, **REQUIRED.get(name, {})}], device="cuda")
+    loss = losskit.build_losses([{"criterion": name, **_required(name)}], device="cuda")
     out, target = loss[name].example(4, device="cuda", generator=torch.Generator().manual_seed(0))
     loss(out, target)  # warm-up: lazy init may sync once
     torch.cuda.synchronize()
@@ -46,7 +52,7 @@ def test_no_host_sync_on_cuda(name: str) -> None:
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("name", sorted(FIRST_PARTY))
 def test_autocast_on_cuda(name: str, dtype: torch.dtype) -> None:
-    loss = losskit.build_losses([{"criterion": name, **REQUIRED.get(name, {})}], device="cuda")
+    loss = losskit.build_losses([{"criterion": name, **_required(name)}], device="cuda")
     out, target = loss[name].example(4, device="cuda", generator=torch.Generator().manual_seed(0))
     reference = loss(out, target).total
     with torch.autocast("cuda", dtype=dtype):

@@ -16,10 +16,10 @@ import pytest
 
 import losskit
 from losskit.registry import FIRST_PARTY
+from losskit.schema import required_examples
 
 DISTRIBUTIONS = sorted(set(FIRST_PARTY.values()))
 #: Fields a criterion cannot be built without (they have no default), for the ones that have any.
-REQUIRED = {"yolofastest_loss": {"anchors": [[12, 18, 37, 49, 52, 132], [115, 73, 119, 199, 242, 238]]}}
 
 
 def _installed(dist: str) -> bool:
@@ -49,7 +49,7 @@ def test_each_first_party_criterion_is_found_or_reported_missing(name: str) -> N
         info = registry.get(name)
         assert info.distribution == dist
         assert info.version == md.version(dist)
-        losskit.build_losses([{"criterion": name, **REQUIRED.get(name, {})}], registry=registry)
+        losskit.build_losses([{"criterion": name, **required_examples(info.cls.Config)}], registry=registry)
     else:
         assert name not in registry
         with pytest.raises(losskit.ConfigError) as error:

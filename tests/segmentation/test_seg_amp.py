@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from seg_helpers import make_batch
+from seg_cases import make_batch
 
 from losskit_segmentation import seg_cross_entropy
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from seg_helpers import make_batch, reference
+from seg_cases import make_batch, reference
 
 from losskit.testing import no_host_sync
 from losskit_segmentation import SegCrossEntropy

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import torch
-from seg_helpers import IGNORE, ddp_worker, tiny_head
+from seg_cases import IGNORE, ddp_worker, tiny_head
 
 from losskit.testing import run_on_ranks
 from losskit_segmentation import SegCrossEntropy

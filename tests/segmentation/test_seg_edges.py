@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from seg_helpers import IGNORE, make_batch, reference
+from seg_cases import IGNORE, make_batch, reference
 
 import losskit
 from losskit.checks import set_value_checks

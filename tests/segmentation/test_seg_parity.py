@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from seg_helpers import IGNORE, make_batch, reference
+from seg_cases import IGNORE, make_batch, reference
 
 from losskit_segmentation import SegCrossEntropy, seg_cross_entropy
 

@@ -51,7 +51,9 @@ class YOLOFastestLossConfig:
         None,
         gt=0.0,
         min_items=1,
-        doc="Required. Per level, the anchor sizes in pixels as a flat list [w0, h0, w1, h1, ...] "
+        required=True,
+        example=V2_ANCHORS,
+        doc="Per level, the anchor sizes in pixels as a flat list [w0, h0, w1, h1, ...] "
         "(2 values per anchor of the level's cells).",
     )
     reg_weight: float = option(5.0, ge=0.0, doc="Weight of the IoU term.")
@@ -84,14 +86,8 @@ class YOLOFastestLossConfig:
     )
 
     def validate(self) -> list[tuple[str, str]]:
-        if self.anchors is None:
-            return [
-                (
-                    "anchors",
-                    "required: per level, a flat list [w0, h0, w1, h1, ...] of anchor sizes in pixels, "
-                    "e.g. [[12, 18, 37, 49, 52, 132], [115, 73, 119, 199, 242, 238]]",
-                )
-            ]
+        if self.anchors is None:  # reported by the schema (a required field)
+            return []
         return [
             ("anchors", f"level {i} has {len(level)} values; expected (w, h) pairs: an even count")
             for i, level in enumerate(self.anchors)
@@ -291,7 +287,7 @@ def yolofastest_assign(
 
 def _anchors_of(cfg: YOLOFastestLossConfig) -> tuple[tuple[float, ...], ...]:
     """The anchors of a validated config (never None: validation requires them)."""
-    if cfg.anchors is None:  # excluded by YOLOFastestLossConfig.validate
+    if cfg.anchors is None:  # excluded by validation (a required field)
         raise ValueError("anchors are required")
     return cfg.anchors
 

@@ -26,6 +26,8 @@ def yaml_value(value: Any) -> str:
 
 def _default_cell(f: FieldInfo) -> str:
     """The default as shown in a table: a nested mapping points at its keys' rows."""
+    if f.required:
+        return "required"
     return "(the keys below)" if f.nested else yaml_value(f.default)
 
 
@@ -39,7 +41,7 @@ def _yaml_lines(fields: list[FieldInfo], indent: str) -> list[str]:
             block = yaml.safe_dump({f.name: f.default}, default_flow_style=False, sort_keys=False)
             lines += [indent + line for line in block.rstrip("\n").split("\n")]
         else:
-            lines.append(f"{indent}{f.name}: {yaml_value(f.default)}")
+            lines.append(f"{indent}{f.name}: {yaml_value(f.example if f.required else f.default)}")
     return lines
 
 

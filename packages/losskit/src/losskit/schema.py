@@ -37,7 +37,15 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Union
 
-__all__ = ["FieldInfo", "describe_fields", "is_nested", "option", "suggest", "validate_config"]
+__all__ = [
+    "FieldInfo",
+    "describe_fields",
+    "is_nested",
+    "option",
+    "required_examples",
+    "suggest",
+    "validate_config",
+]
 
 _META_KEY = "losskit"
 
@@ -52,6 +60,8 @@ class _Constraint:
     min_items: int | None = None
     max_items: int | None = None
     negative_disables: bool = False  # e.g. focal alpha: a negative value switches the term off
+    required: bool = False  # no usable default: the config must give it (the default is None)
+    example: Any = None  # a valid value of a required field, for messages and generated docs
 
 
 def option(
@@ -65,6 +75,8 @@ def option(
     min_items: int | None = None,
     max_items: int | None = None,
     negative_disables: bool = False,
+    required: bool = False,
+    example: Any = None,
 ) -> Any:
     """Declare a config field with its default, documentation and allowed range.
 
@@ -74,10 +86,15 @@ def option(
         ge, gt, le, lt: bounds for numbers, applied to each item of a sequence.
         min_items, max_items: length bounds for sequences.
         negative_disables: any negative number is also allowed (it disables the feature).
+        required: the field has no usable default: a config without it (or with null) is rejected,
+            naming the field and showing ``example``. Its ``default`` must be None.
+        example: a valid value of a required field, shown in the error and in the generated docs.
     """
     if isinstance(default, list):
         default = tuple(default)
-    meta = _Constraint(doc, ge, gt, le, lt, min_items, max_items, negative_disables)
+    if required and (default is not None or example is None):
+        raise TypeError("option(required=True) takes default None and an example value")
+    meta = _Constraint(doc, ge, gt, le, lt, min_items, max_items, negative_disables, required, example)
     return dataclasses.field(default=default, metadata={_META_KEY: meta})
 
 
@@ -91,6 +108,8 @@ class FieldInfo:
     allowed: str
     doc: str
     nested: bool = False  # a mapping whose keys follow as rows named ``name.key``
+    required: bool = False  # no default: the config must give it; ``example`` shows a valid value
+    example: Any = None
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -105,6 +124,11 @@ def _constraint(f: dataclasses.Field[Any]) -> _Constraint:
 def is_nested(tp: Any) -> bool:
     """Whether an annotation is a nested config (a dataclass), given in YAML as a mapping."""
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _flow(value: Any) -> str:
+    """A value in YAML flow style (``[[12, 18], [115, 73]]``)."""
+    return repr(_plain(value)).replace("'", "")
 
 
 def _plain(value: Any) -> Any:
@@ -211,8 +235,26 @@ def describe_fields(cls: type, *, prefix: str = "", defaults: Any = None) -> lis
             inner = value if isinstance(value, tp) else None
             out += describe_fields(tp, prefix=f"{name}.", defaults=inner)
             continue
-        out.append(FieldInfo(name, _type_name(tp), default, _allowed(tp, c), c.doc))
+        out.append(
+            FieldInfo(
+                name,
+                _type_name(tp),
+                default,
+                _allowed(tp, c),
+                c.doc,
+                required=c.required,
+                example=_plain(c.example),
+            )
+        )
     return out
+
+
+def required_examples(cls: type) -> dict[str, Any]:
+    """``{field: example}`` for the required fields of the config dataclass ``cls`` (often empty):
+    merged into an entry, it makes the criterion buildable (``losskit run``, tests, docs)."""
+    return {
+        f.name: _plain(_constraint(f).example) for f in dataclasses.fields(cls) if _constraint(f).required
+    }
 
 
 def suggest(word: str, choices: Iterable[str]) -> str | None:
@@ -413,6 +455,16 @@ def _validate(
     if not ok:
         return None
     instance = dataclasses.replace(default, **clean) if default is not None else cls(**clean)
+    for f in fields.values():
+        c = _constraint(f)
+        if c.required and getattr(instance, f.name) is None:
+            report(
+                f.name,
+                f"required: {c.doc[:1].lower()}{c.doc[1:].rstrip('.')}; e.g. {f.name}: {_flow(c.example)}",
+            )
+            ok = False
+    if not ok:
+        return None
     check = getattr(instance, "validate", None)
     if callable(check):
         for field_name, message in check():
