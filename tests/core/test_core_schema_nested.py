@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import pytest
 import torch
@@ -186,3 +186,19 @@ def test_required_field_is_reported_with_its_example_and_documented() -> None:
     assert _yaml_lines(fields, "") == ["sizes: [8.0, 16.0]", "scale: 1.0"]
     with pytest.raises(TypeError, match="required=True"):
         losskit.option(1.0, required=True, example=2.0, doc="x")
+
+
+@dataclass(frozen=True)
+class _WithRejected:
+    rejected_fields: ClassVar[dict[str, str]] = {"old": "{key} is gone (got {value!r}); use 'new'"}
+    new: int = losskit.option(1, doc="The new field.")
+
+
+def test_rejected_keys_get_their_own_message() -> None:
+    from losskit.schema import describe_fields, validate_config
+
+    problems: list[tuple[str, str]] = []
+    report = problems.append
+    assert validate_config(_WithRejected, {"old": 3}, report=lambda f, m: report((f, m))) is None
+    assert problems == [("old", "old is gone (got 3); use 'new'")]
+    assert [f.name for f in describe_fields(_WithRejected)] == ["new"]

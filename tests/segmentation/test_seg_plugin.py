@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def test_functional_defaults_come_from_the_config():
 def test_defaults_are_the_netspresso_values():
     c = SegCrossEntropy().config
     assert (c.ignore_index, c.label_smoothing, c.class_weights, c.align_corners) == (255, 0.0, None, False)
-    assert c.normalize_across_ranks is False and c.size_average is None and c.reduce is None
+    assert c.normalize_across_ranks is False
 
 
 def test_shipped_netspresso_config_builds_and_runs():
@@ -61,14 +62,9 @@ def test_deprecated_torch_keys_are_rejected(key, value):
     assert "reduction='mean'" in message and "remove the key" in message
     with pytest.raises(losskit.ConfigError, match=f"{key} is deprecated in torch"):
         SegCrossEntropy(**{key: value == "true"})
-
-
-def test_deprecated_keys_left_null_are_accepted():
-    yaml = (
-        "model:\n  losses:\n    - criterion: seg_cross_entropy\n      size_average: ~\n      reduce: null\n"
-    )
-    (entry,) = losskit.load_config(yaml).entries
-    assert entry.config.size_average is None and entry.config.reduce is None
+    with pytest.raises(losskit.ConfigError, match=f"{key} is deprecated in torch"):
+        SegCrossEntropy(**{key: None})
+    assert key not in {f.name for f in dataclasses.fields(SegCrossEntropyConfig)}
 
 
 def test_unknown_field_suggests_the_losskit_name():

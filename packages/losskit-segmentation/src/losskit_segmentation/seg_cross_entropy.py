@@ -33,7 +33,7 @@ _DEPRECATED = (
     "{key} is deprecated in torch (torch.nn.CrossEntropyLoss's size_average and reduce were replaced "
     "by reduction='mean'|'sum'|'none' in torch 0.4.1) and NetsPresso only passes it through; "
     "seg_cross_entropy always reduces by the mean over non-ignored pixels (divided by the sum of their "
-    "class_weights when set), which is reduction='mean': remove the key (null is accepted), got {value!r}"
+    "class_weights when set), which is reduction='mean': remove the key, got {value!r}"
 )
 
 
@@ -59,22 +59,8 @@ class SegCrossEntropyConfig:
         False,
         doc="Divide by the mean over DDP ranks of the count (class-weight sum) of non-ignored pixels.",
     )
-    size_average: bool | None = option(
-        None,
-        doc="Deprecated in torch (use the mean, which is what this loss computes): only null is accepted.",
-    )
-    reduce: bool | None = option(
-        None,
-        doc="Deprecated in torch (use the mean, which is what this loss computes): only null is accepted.",
-    )
-
-    def validate(self) -> list[tuple[str, str]]:
-        """Reject NetsPresso's pass-through of torch's deprecated ``size_average`` / ``reduce``."""
-        return [
-            (key, _DEPRECATED.format(key=key, value=getattr(self, key)))
-            for key in ("size_average", "reduce")
-            if getattr(self, key) is not None
-        ]
+    #: NetsPresso passes torch's deprecated keys through; losskit refuses them with what to do instead.
+    rejected_fields: ClassVar[dict[str, str]] = {"size_average": _DEPRECATED, "reduce": _DEPRECATED}
 
 
 def _check_inputs(pred: Tensor, target: Tensor, num_weights: int | None) -> None:

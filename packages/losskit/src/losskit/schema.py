@@ -8,6 +8,10 @@ A criterion declares its fields as a dataclass whose fields are made with :func:
         gamma: float = option(2.0, ge=0.0, doc="Focusing parameter.")
         reduction: Literal["mean", "sum"] = option("mean", doc="How elements are reduced.")
 
+Keys a config must not hold although users write them (a deprecated option of the reference, say)
+go in a ``rejected_fields: ClassVar[dict[str, str]]`` of the dataclass, each with the message that
+says what to do instead (``{key}`` and ``{value}`` are filled in); they are not fields.
+
 The schema drives validation (of YAML configs and of keyword arguments alike), ``losskit describe``
 and the generated reference docs. Supported annotations: ``bool``, ``int``, ``float``, ``str``,
 ``Literal[...]``, ``X | None``, ``tuple[X, ...]``, ``tuple[X, Y]`` and ``list[X]`` of scalars, and
@@ -431,7 +435,12 @@ def _validate(
     fields = {f.name: f for f in dataclasses.fields(cls)}
     ok = True
     clean: dict[str, Any] = {}
+    rejected: Mapping[str, str] = getattr(cls, "rejected_fields", {})
     for key, value in values.items():
+        if isinstance(key, str) and key in rejected:
+            report(key, rejected[key].format(key=key, value=value))
+            ok = False
+            continue
         if not isinstance(key, str) or key not in fields:
             close = suggest(key, fields) if isinstance(key, str) else None
             hint = f"; did you mean {close!r}?" if close else ""
