@@ -31,6 +31,8 @@ NORM_EPS = 1e-9
 REACH_MARGIN = 1.01
 #: Rows of the ``(G, A)`` matrices computed at once: ``chunk x A`` stays under this many pairs.
 CHUNK_PAIRS = 1 << 18
+#: ``1 / ln 2``: ``exp(x) = 2^(x / ln 2)``.
+LOG2_E = 1.4426950408889634
 
 
 @dataclass(frozen=True)
@@ -133,8 +135,9 @@ def decode_distances(logits: Tensor, reg_max: int) -> Tensor:
 @torch.no_grad()
 def _expected_bins(logits: Tensor, reg_max: int) -> Tensor:
     """:func:`decode_distances` without gradient, reading a strided view once: ``sum_r r e_r / sum_r e_r``
-    with ``e = exp(logits - max)`` (no contiguous copy of the logits, one buffer)."""
-    e = (logits - logits.amax(2, keepdim=True)).exp_()
+    with ``e = 2^((logits - max) / ln 2)`` (one buffer; ``exp2`` is several times faster than ``exp``
+    on CPU)."""
+    e = (logits - logits.amax(2, keepdim=True)).mul_(LOG2_E).exp2_()
     total = e.sum(2)
     bins = torch.arange(reg_max, dtype=e.dtype, device=e.device).view(1, 1, reg_max, 1)
     return e.mul_(bins).sum(2).div_(total)
@@ -163,6 +166,22 @@ def _class_logits(levels: Sequence[Tensor], image: Tensor, channel: Tensor) -> T
     return torch.cat(rows, 1)
 
 
+def _power(x: Tensor, exponent: float) -> Tensor:
+    """``x ** exponent``; an integer exponent in ``[1, 8]`` by squaring (``pow`` is far slower on CPU)."""
+    if not float(exponent).is_integer() or not 1 <= exponent <= 8:
+        return torch.pow(x, exponent)
+    n = int(exponent)
+    result = None
+    base = x
+    while n:
+        if n & 1:
+            result = base.clone() if result is None else result.mul_(base)
+        n >>= 1
+        if n:
+            base = base.square()
+    return x if result is None else result
+
+
 def _scores(
     levels: Sequence[Tensor],
     grid: AnchorGrid,
@@ -185,7 +204,7 @@ def _scores(
         yolo_box_parts(x1, y1, x2, y2), YoloBoxParts(*(t.index_select(0, image) for t in pred))
     )
     iou.clamp_(0, 1).mul_(valid)
-    score = torch.pow(iou, iou_factor)
+    score = _power(iou, iou_factor)
     score.mul_(_class_logits(levels, image, gts.labels[rows] + 4 * reg_max).sigmoid_().pow_(cls_factor))
     if assigner == "netspresso":
         inside = x1 < grid.x
@@ -283,14 +302,17 @@ def _owners(iou: Tensor, kept: Tensor, gts: GroundTruths, batch: int, assigner: 
     g, a = iou.shape
     image = gts.image[:, None].expand(g, a)
     # rows as float32 (exact below 2^24): scatter_reduce on float is far faster than on int64 on CPU
+    # where(mask, row, c) as (row - c) mask + c: exact on these integers, and far faster on CPU than
+    # a where broadcasting a column
     row = torch.arange(g, device=iou.device, dtype=iou.dtype)[:, None]
-    count = iou.new_zeros(batch, a).index_add_(0, gts.image, kept.to(iou.dtype))
-    single = iou.new_full((batch, a), -1.0).scatter_reduce_(0, image, torch.where(kept, row, -1.0), "amax")
+    kept_f = kept.to(iou.dtype)
+    count = iou.new_zeros(batch, a).index_add_(0, gts.image, kept_f)
+    single = iou.new_full((batch, a), -1.0).scatter_reduce_(0, image, kept_f.mul_(row + 1).sub_(1), "amax")
     value = iou if assigner == "netspresso" else iou.masked_fill(~kept, 0.0)
     best = iou.new_zeros(batch, a).scatter_reduce_(0, image, value, "amax")
-    is_best = value == best.index_select(0, gts.image)
+    is_best = (value == best.index_select(0, gts.image)).to(iou.dtype)
     first = iou.new_full((batch, a), float(g)).scatter_reduce_(
-        0, image, torch.where(is_best, row, float(g)), "amin"
+        0, image, is_best.mul_(row - g).add_(g), "amin"
     )
     return torch.where(count > 1, first, torch.where(count > 0, single, -1.0))
 
