@@ -275,40 +275,51 @@ def match(
         for start in range(0, g, step):  # chunks of rows bound the CIoU's temporaries
             rows = slice(start, min(g, start + step))
             iou[rows], score[rows], inside[rows] = _scores(levels, grid, pred, gts, rows, **kwargs)  # type: ignore[arg-type]
-    kept = _top_k(score.masked_fill(~inside, 0.0) if assigner == "upstream" else score, topk)
+    index, ok = _top_k(score.masked_fill(~inside, 0.0) if assigner == "upstream" else score, topk)
+    kept = None
     if assigner == "upstream":
-        _ensure_one(score, kept)
-    owner = _owners(iou, kept, gts, b, assigner).to(torch.int64)
+        _ensure_one(score, index, ok)
+        # scatter_add, not scatter_: a lonely row's index may repeat among its (not kept) entries
+        kept = iou.new_zeros(g, a).scatter_add_(1, index, ok.to(iou.dtype)) > 0
+    owner = _owners(iou, index, ok, kept, gts, b).to(torch.int64)
     return Match(owner, _soft_scores(iou, score, owner))
 
 
-def _top_k(score: Tensor, topk: int) -> Tensor:
-    """``(G, A)`` bool: the ``topk`` largest positive scores of each row."""
+def _top_k(score: Tensor, topk: int) -> tuple[Tensor, Tensor]:
+    """The ``topk`` largest scores of each row of ``(G, A)`` scores: their anchors ``(G, k)`` and
+    whether each is kept (score > 0)."""
     values, index = score.topk(min(topk, score.shape[1]), dim=1)
-    return torch.zeros_like(score, dtype=torch.bool).scatter_(1, index, values > 0)
+    return index, values > 0
 
 
-def _ensure_one(score: Tensor, kept: Tensor) -> None:
-    """Upstream: a row that kept nothing keeps its best anchor over all anchors, if its score is > 0."""
-    best, index = score.max(dim=1)
-    lonely = ~kept.any(1) & (best > 0)
-    kept.scatter_(1, index[:, None], lonely[:, None] | kept.gather(1, index[:, None]))
+def _ensure_one(score: Tensor, index: Tensor, ok: Tensor) -> None:
+    """Upstream: a row that kept nothing keeps its best anchor over all anchors, if its score is > 0
+    (written into entry 0 of ``index`` and ``ok``, in place)."""
+    best, at = score.max(dim=1)
+    lonely = ~ok.any(1) & (best > 0)
+    index[:, 0] = torch.where(lonely, at, index[:, 0])
+    ok[:, 0] |= lonely
 
 
-def _owners(iou: Tensor, kept: Tensor, gts: GroundTruths, batch: int, assigner: Assigner) -> Tensor:
+def _owners(
+    iou: Tensor, index: Tensor, ok: Tensor, kept: Tensor | None, gts: GroundTruths, batch: int
+) -> Tensor:
     """``(B, A)`` owner row (as float32) of each anchor: its only keeper, or for an anchor kept by several rows the
-    row of largest CIoU (over all rows of the image for NetsPresso, over the keepers for upstream),
-    the first on ties; ``-1`` for an anchor nobody kept."""
+    row of largest CIoU (over all rows of the image for NetsPresso, ``kept`` None; over the keepers,
+    the ``(G, A)`` mask ``kept``, for upstream), the first on ties; ``-1`` for an anchor nobody kept.
+    ``index``, ``ok`` ``(G, k)``: the anchors each row kept (where ``ok``)."""
     g, a = iou.shape
-    image = gts.image[:, None].expand(g, a)
-    # rows as float32 (exact below 2^24): scatter_reduce on float is far faster than on int64 on CPU
+    # rows as float32 (exact below 2^24): scatter_reduce on float is far faster than on int64 on CPU;
     # where(mask, row, c) as (row - c) mask + c: exact on these integers, and far faster on CPU than
     # a where broadcasting a column
     row = torch.arange(g, device=iou.device, dtype=iou.dtype)[:, None]
-    kept_f = kept.to(iou.dtype)
-    count = iou.new_zeros(batch, a).index_add_(0, gts.image, kept_f)
-    single = iou.new_full((batch, a), -1.0).scatter_reduce_(0, image, kept_f.mul_(row + 1).sub_(1), "amax")
-    value = iou if assigner == "netspresso" else iou.masked_fill(~kept, 0.0)
+    at = (gts.image[:, None] * a + index).reshape(-1)  # the keepers' (image, anchor), flat
+    ok_f = ok.to(iou.dtype)
+    count = iou.new_zeros(batch * a).index_add_(0, at, ok_f.reshape(-1)).view(batch, a)
+    keeper = ok_f.mul_(row + 1).sub_(1).reshape(-1)
+    single = iou.new_full((batch * a,), -1.0).scatter_reduce_(0, at, keeper, "amax").view(batch, a)
+    image = gts.image[:, None].expand(g, a)
+    value = iou if kept is None else iou.masked_fill(~kept, 0.0)
     best = iou.new_zeros(batch, a).scatter_reduce_(0, image, value, "amax")
     is_best = (value == best.index_select(0, gts.image)).to(iou.dtype)
     first = iou.new_full((batch, a), float(g)).scatter_reduce_(
