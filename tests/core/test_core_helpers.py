@@ -144,3 +144,29 @@ def test_set_epoch_takes_any_integral_scalar():
     for bad in (np.int64(-1), torch.tensor(1.0), np.bool_(True), torch.tensor([1])):
         with pytest.raises(losskit.ConfigError, match="set_epoch expects an int >= 0"):
             crit.set_epoch(bad)  # type: ignore[arg-type]
+
+
+def test_get_img_size_accepts_any_real_scalar_or_pair() -> None:
+    import numpy as np
+
+    from losskit.checks import get_img_size
+
+    for size in (640, 640.0, np.int64(640), torch.tensor(640), torch.tensor(640.0)):
+        assert get_img_size({"img_size": size}, criterion="c") == (640.0, 640.0)
+    for size in ((480, 640), [480, 640], torch.tensor([480, 640]), (np.int32(480), 640.0)):
+        assert get_img_size({"img_size": size}, criterion="c") == (480.0, 640.0)
+    assert get_img_size({"img_size": np.int64(352)}, criterion="c", integral=True) == (352, 352)
+    bad = [
+        ({"img_size": 0}, "positive finite sizes"),
+        ({"img_size": (480, float("inf"))}, "positive finite sizes"),
+        ({"img_size": "640"}, "expected an int or (H, W) of the network input, got '640'"),
+        ({"img_size": (1, 2, 3)}, "expected an int or (H, W)"),
+        ({"img_size": True}, "expected an int or (H, W)"),
+        ({"size": 640}, "target['img_size']: missing; target has keys 'size'"),
+    ]
+    for target, message in bad:
+        with pytest.raises(losskit.InputError) as info:
+            get_img_size(target, criterion="c")
+        assert message in str(info.value) and "target" in str(info.value)
+    with pytest.raises(losskit.InputError, match=r"\(integers\), got 352\.5"):
+        get_img_size({"img_size": 352.5}, criterion="c", integral=True)

@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.compiler import is_compiling
 
 from losskit import ConfigError, Criterion, InputError, LossTerms, option
-from losskit.checks import fmt_shape, get_box_targets, value_checks_enabled
+from losskit.checks import fmt_shape, get_box_targets, get_img_size, value_checks_enabled
 from losskit.dist import global_mean, is_distributed
 from losskit.tensors import autocast_off, graph_zero
 from losskit_detection_yolov9._assign import (
@@ -89,28 +89,6 @@ class _Batch:
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _img_size(target: Mapping[str, Any]) -> tuple[int, int]:
-    key = "target['img_size']"
-    if "img_size" not in target:
-        keys = ", ".join(repr(k) for k in target) or "none"
-        raise InputError(NAME, key, f"missing; target has keys {keys}; expected: int or (H, W) of the input")
-    size = target["img_size"]
-    if _is_int(size):
-        hw = (size, size)
-    elif (
-        isinstance(size, Sequence)
-        and not isinstance(size, str)
-        and len(size) == 2
-        and all(map(_is_int, size))
-    ):
-        hw = (size[0], size[1])
-    else:
-        raise InputError(NAME, key, f"expected an int or (H, W) ints of the network input, got {size!r}")
-    if min(hw) <= 0:
-        raise InputError(NAME, key, f"expected positive sizes, got {size!r}")
-    return hw
 
 
 def _level_list(pred: Any, key: str, channels: int | None) -> list[Tensor]:
@@ -282,7 +260,7 @@ def _prepare(
             NAME, "target", f"expected a mapping with keys 'gt', 'img_size', got {type(target).__name__}"
         )
     c = _num_classes(main, target, reg_max, num_classes)
-    img_w = _img_size(target)[1]
+    img_w = int(get_img_size(target, criterion=NAME, integral=True)[1])
     shapes = [(int(p.shape[2]), int(p.shape[3])) for p in main]
     strides = []
     for i, (_, w) in enumerate(shapes):

@@ -20,7 +20,13 @@ import torch
 from torch import Tensor
 
 from losskit import Criterion, InputError, LossTerms, option
-from losskit.checks import explain_non_finite, fmt_shape, missing_key_error, value_checks_enabled
+from losskit.checks import (
+    explain_non_finite,
+    fmt_shape,
+    get_img_size,
+    missing_key_error,
+    value_checks_enabled,
+)
 from losskit.tensors import autocast_off
 from losskit_detection_yolox._assign import AnchorGrid, Assignment
 from losskit_detection_yolox.yolox import (
@@ -28,7 +34,6 @@ from losskit_detection_yolox.yolox import (
     _Batch,
     _check_num_classes,
     _ground_truths,
-    _img_size,
     _terms,
 )
 
@@ -176,7 +181,7 @@ def _prepare(out: Any, target: Any, *, anchors: Sequence[Sequence[float]], num_c
         )
     c = levels[0].shape[2] - 5
     _check_num_classes(target, c, num_classes, NAME)
-    img_h, img_w = _img_size(target, NAME)
+    img_h, img_w = get_img_size(target, criterion=NAME)
     shapes = [(int(p.shape[3]), int(p.shape[4])) for p in levels]
     strides = [(img_h / h, img_w / w) for h, w in shapes]
     device = levels[0].device

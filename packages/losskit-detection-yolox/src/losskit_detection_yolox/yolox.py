@@ -7,7 +7,6 @@ https://github.com/Megvii-BaseDetection/YOLOX (``yolox/models/yolo_head.py``, ma
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -22,9 +21,9 @@ from losskit.checks import (
     explain_non_finite,
     fmt_shape,
     get_box_targets,
+    get_img_size,
     integral_scalar,
     missing_key_error,
-    real_scalar,
     value_checks_enabled,
 )
 from losskit.dist import global_mean
@@ -95,30 +94,6 @@ class _Batch:
     grid: AnchorGrid
     gts: GroundTruths  # N rows, (cx, cy, w, h) float32
     num_classes: int
-
-
-def _img_size(target: Mapping[str, Any], criterion: str = NAME) -> tuple[float, float]:
-    """``(H, W)`` from ``target['img_size']``: a real scalar (int, float, numpy number, 0-d tensor) or
-    a pair of them (a sequence or a ``(2,)`` tensor)."""
-    key = "target['img_size']"
-    if "img_size" not in target:
-        raise missing_key_error(criterion, "target", "img_size", target, "int or (H, W) of the network input")
-    size = target["img_size"]
-    single = real_scalar(size)
-    if single is not None:
-        hw: tuple[float | None, ...] = (single, single)
-    elif (isinstance(size, Tensor) and size.shape == (2,)) or (
-        isinstance(size, Sequence) and not isinstance(size, str) and len(size) == 2
-    ):
-        hw = tuple(real_scalar(s) for s in size)
-    else:
-        hw = (None,)
-    if any(s is None for s in hw):
-        raise InputError(criterion, key, f"expected an int or (H, W) of the network input, got {size!r}")
-    h, w = (float(s) for s in hw)  # type: ignore[arg-type]
-    if not all(math.isfinite(s) and s > 0 for s in (h, w)):
-        raise InputError(criterion, key, f"expected positive finite sizes, got {size!r}")
-    return h, w
 
 
 def _levels(out: Any) -> list[Tensor]:
@@ -283,7 +258,7 @@ def _prepare(
         )
     c = levels[0].shape[1] - 5
     _check_num_classes(target, c, num_classes)
-    img_h, img_w = _img_size(target)
+    img_h, img_w = get_img_size(target, criterion=NAME)
     shapes = [(int(p.shape[2]), int(p.shape[3])) for p in levels]
     if strides is not None:
         if len(strides) != len(levels):

@@ -13,6 +13,7 @@ governed by the ``LOSSKIT_VALUE_CHECKS`` environment variable or :func:`set_valu
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -28,6 +29,7 @@ __all__ = [
     "explain_non_finite",
     "fmt_shape",
     "get_box_targets",
+    "get_img_size",
     "get_tensor",
     "integral_scalar",
     "missing_key_error",
@@ -259,3 +261,42 @@ def real_scalar(value: Any) -> float | None:
     if isinstance(value, numbers.Real):  # float, numpy floating
         return float(value)
     return None
+
+
+def get_img_size(
+    target: Any, *, criterion: str, key: str = "img_size", integral: bool = False
+) -> tuple[float, float]:
+    """``(H, W)`` of the network input from ``target[key]``: one size for both sides or a pair.
+
+    Each size is a real scalar (``int``, ``float``, numpy number, 0-d tensor) or, with ``integral``,
+    an integral one (the criterion divides by it with ``//``); a pair is a sequence or a ``(2,)``
+    tensor. Raises :class:`InputError` naming the key for anything else, including non-positive or
+    non-finite sizes. The detection criteria read the size once per call on the host: it is metadata,
+    not model output (a size given as a CUDA tensor costs a transfer).
+    """
+    where = f"target[{key!r}]"
+    expected = "an int or (H, W) of the network input" + (" (integers)" if integral else "")
+    if not isinstance(target, Mapping):
+        raise InputError(
+            criterion, "target", f"expected a mapping with key {key!r}, got {type(target).__name__}"
+        )
+    if key not in target:
+        raise missing_key_error(criterion, "target", key, target, expected)
+    size = target[key]
+    scalar = integral_scalar if integral else real_scalar
+    single = scalar(size)
+    if single is not None:
+        hw: tuple[float | None, ...] = (single, single)
+    elif (isinstance(size, Tensor) and size.shape == (2,)) or (
+        isinstance(size, Sequence) and not isinstance(size, (str, bytes)) and len(size) == 2
+    ):
+        items = size.unbind() if isinstance(size, Tensor) else size
+        hw = tuple(scalar(s) for s in items)
+    else:
+        hw = (None,)
+    if any(s is None for s in hw):
+        raise InputError(criterion, where, f"expected {expected}, got {size!r}")
+    h, w = hw
+    if not all(s is not None and math.isfinite(s) and s > 0 for s in (h, w)):
+        raise InputError(criterion, where, f"expected positive finite sizes, got {size!r}")
+    return h, w  # type: ignore[return-value]
