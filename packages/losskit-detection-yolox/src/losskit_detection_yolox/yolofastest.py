@@ -21,12 +21,10 @@ from torch import Tensor
 
 from losskit import Criterion, InputError, LossTerms, option
 from losskit.checks import (
-    explain_non_finite,
     fmt_shape,
     get_img_size,
     get_levels,
     missing_key_error,
-    value_checks_enabled,
 )
 from losskit.tensors import autocast_off
 from losskit_detection_yolox._assign import AnchorGrid, Assignment
@@ -36,6 +34,7 @@ from losskit_detection_yolox.yolox import (
     _check_num_classes,
     _ground_truths,
     _terms,
+    check_finite_levels,
 )
 
 __all__ = ["YOLOFastestLoss", "YOLOFastestLossConfig", "yolofastest_assign", "yolofastest_loss"]
@@ -157,13 +156,7 @@ def _prepare(out: Any, target: Any, *, anchors: Sequence[Sequence[float]], num_c
     strides = [(img_h / h, img_w / w) for h, w in shapes]
     device = levels[0].device
     batch = int(levels[0].shape[0])
-    if value_checks_enabled(levels[0]):
-        for i, p in enumerate(levels):
-            # the sum is non-finite when any value is (or, rarely, on overflow: then look closer)
-            if not bool(torch.isfinite(p.detach().sum())):
-                err = explain_non_finite(NAME, [(f"out['pred'][{i}]", p.detach())])
-                if err is not None:
-                    raise err
+    check_finite_levels(levels, NAME)
     gts = _ground_truths(target, batch, c, device, NAME)
     sizes = [[(float(a[j]), float(a[j + 1])) for j in range(0, len(a), 2)] for a in anchors]
     grid = AnchorGrid.build(shapes, strides, device, anchor_sizes=sizes)

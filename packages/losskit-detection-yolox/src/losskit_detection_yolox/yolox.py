@@ -116,6 +116,18 @@ def _check_channels(i: int, p: Tensor) -> None:
         )
 
 
+def check_finite_levels(levels: Sequence[Tensor], criterion: str) -> None:
+    """With value checks on, an :class:`InputError` naming the first level holding NaN or inf."""
+    if not value_checks_enabled(levels[0]):
+        return
+    for i, p in enumerate(levels):
+        # the sum is non-finite when any value is (or, rarely, on overflow: then look closer)
+        if not bool(torch.isfinite(p.detach().sum())):
+            err = explain_non_finite(criterion, [(f"out['pred'][{i}]", p.detach())])
+            if err is not None:
+                raise err
+
+
 def _to_device(t: Tensor, where: str, device: torch.device, dtype: torch.dtype, criterion: str) -> Tensor:
     """A target moved to the outputs' device (documented), or an error naming both when it cannot be."""
     try:
@@ -236,13 +248,7 @@ def _prepare(
         level_strides = [(img_h / h, img_w / w) for h, w in shapes]
     device = levels[0].device
     batch = int(levels[0].shape[0])
-    if value_checks_enabled(levels[0]):
-        for i, p in enumerate(levels):
-            # the sum is non-finite when any value is (or, rarely, on overflow: then look closer)
-            if not bool(torch.isfinite(p.detach().sum())):
-                err = explain_non_finite(NAME, [(f"out['pred'][{i}]", p.detach())])
-                if err is not None:
-                    raise err
+    check_finite_levels(levels, NAME)
     gts = _ground_truths(target, batch, c, device)
     grid = AnchorGrid.build(shapes, level_strides, device)
     return _Batch(tuple(levels), grid, gts, c)
