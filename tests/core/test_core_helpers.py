@@ -144,3 +144,72 @@ def test_set_epoch_takes_any_integral_scalar():
     for bad in (np.int64(-1), torch.tensor(1.0), np.bool_(True), torch.tensor([1])):
         with pytest.raises(losskit.ConfigError, match="set_epoch expects an int >= 0"):
             crit.set_epoch(bad)  # type: ignore[arg-type]
+
+
+def test_get_img_size_accepts_any_real_scalar_or_pair() -> None:
+    import numpy as np
+
+    from losskit.checks import get_img_size
+
+    for size in (640, 640.0, np.int64(640), torch.tensor(640), torch.tensor(640.0)):
+        assert get_img_size({"img_size": size}, criterion="c") == (640.0, 640.0)
+    for size in ((480, 640), [480, 640], torch.tensor([480, 640]), (np.int32(480), 640.0)):
+        assert get_img_size({"img_size": size}, criterion="c") == (480.0, 640.0)
+    assert get_img_size({"img_size": np.int64(352)}, criterion="c", integral=True) == (352, 352)
+    bad = [
+        ({"img_size": 0}, "positive finite sizes"),
+        ({"img_size": (480, float("inf"))}, "positive finite sizes"),
+        ({"img_size": "640"}, "expected an int or (H, W) of the network input, got '640'"),
+        ({"img_size": (1, 2, 3)}, "expected an int or (H, W)"),
+        ({"img_size": True}, "expected an int or (H, W)"),
+        ({"size": 640}, "target['img_size']: missing; target has keys 'size'"),
+    ]
+    for target, message in bad:
+        with pytest.raises(losskit.InputError) as info:
+            get_img_size(target, criterion="c")
+        assert message in str(info.value) and "target" in str(info.value)
+    with pytest.raises(losskit.InputError, match=r"\(integers\), got 352\.5"):
+        get_img_size({"img_size": 352.5}, criterion="c", integral=True)
+
+
+def test_get_levels_checks_what_every_dense_head_shares() -> None:
+    from losskit.checks import get_levels
+
+    a, b = torch.zeros(2, 7, 4, 4), torch.zeros(2, 7, 2, 2)
+    assert get_levels([a, b], "out['pred']", criterion="c", shape="(B, 5 + C, H, W)") == [a, b]
+    seen: list[int] = []
+    get_levels((a, b), "out['pred']", criterion="c", shape="(B, C, H, W)", each=lambda i, p: seen.append(i))
+    assert seen == [0, 1]
+    bad = [
+        (
+            a,
+            "out['pred']: expected a list over pyramid levels of (B, C, H, W) raw head outputs, got a tensor",
+        ),
+        (
+            [],
+            "out['pred']: expected a list over pyramid levels of (B, C, H, W) raw head outputs, got an empty",
+        ),
+        ([a, [1.0]], "out['pred'][1]: expected a tensor (B, C, H, W), got list"),
+        ([a, b.long()], "out['pred'][1]: expected a floating-point tensor, got torch.int64"),
+        ([a, b[0]], "out['pred'][1]: expected shape (B, C, H, W), got shape (7, 2, 2); or reshape"),
+        ([a, b[..., :0]], "out['pred'][1]: expected a non-empty grid"),
+        ([a, b[:1]], "out['pred'][1]: batch size 1 differs from level 0's 2"),
+        ([a, b[:, :6]], "out['pred'][1]: expected 7 channels (5 + C) as level 0, got shape (2, 6, 2, 2)"),
+        ([a, b.double()], "out['pred'][1]: dtype torch.float64 differs from out['pred'][0]'s torch.float32"),
+        (
+            [a, b.to("meta")],
+            "out['pred'][1]: is on meta, but out['pred'][0] is on cpu; move both to one device",
+        ),
+    ]
+    for pred, message in bad:
+        with pytest.raises(losskit.InputError) as info:
+            get_levels(
+                pred,
+                "out['pred']",
+                criterion="c",
+                shape="(B, C, H, W)",
+                channels="5 + C",
+                rank_hint="; or reshape",
+            )
+        assert str(info.value).startswith("c: " + message), str(info.value)
+    assert get_levels([], "out['pred']", criterion="c", shape="(B, C, H, W)", allow_empty=True) == []

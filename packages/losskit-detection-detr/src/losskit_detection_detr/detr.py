@@ -10,7 +10,6 @@ Detection with Transformers", ECCV 2020.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -21,7 +20,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
 from losskit import Criterion, InputError, LossTerms, option
-from losskit.checks import fmt_shape, get_box_targets, value_checks_enabled
+from losskit.checks import fmt_shape, get_box_targets, get_img_size, value_checks_enabled
 from losskit.dist import global_mean
 from losskit.tensors import autocast_off, graph_zero
 from losskit_detection_detr._example import make_example
@@ -167,29 +166,6 @@ class _Batch:
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _img_size(target: Mapping[str, Any]) -> tuple[float, float]:
-    key = "target['img_size']"
-    if "img_size" not in target:
-        keys = ", ".join(repr(k) for k in target) or "none"
-        raise InputError(NAME, key, f"missing; target has keys {keys}; expected: int or (H, W) in pixels")
-    size = target["img_size"]
-    num = (int, float)
-    if isinstance(size, num) and not isinstance(size, bool):
-        hw = (size, size)
-    elif (
-        isinstance(size, Sequence)
-        and not isinstance(size, str)
-        and len(size) == 2
-        and all(isinstance(s, num) and not isinstance(s, bool) for s in size)
-    ):
-        hw = (size[0], size[1])
-    else:
-        raise InputError(NAME, key, f"expected an int or (H, W) of the network input, got {size!r}")
-    if not all(math.isfinite(s) and s > 0 for s in hw):
-        raise InputError(NAME, key, f"expected positive finite sizes, got {size!r}")
-    return float(hw[0]), float(hw[1])
 
 
 def _float_tensor(value: Any, where: str, expected: str) -> Tensor:
@@ -438,7 +414,7 @@ def _prepare(out: Any, target: Any, *, losses: Sequence[str], num_classes: int |
         _group([("out['pred']", pred[..., 4:], pred[..., :4]), *aux_sets], batch, logit_count, pred, work)
     main = _stack([("out['pred']", pred[..., 4:], pred[..., :4]), *aux_sets], work)
     sets = [("out['pred']", pred, pred), *aux_sets]
-    img = _img_size(target)
+    img = get_img_size(target, criterion=NAME)
     gts = _gts(target, batch, c, img, pred)
     _check_finite(main, [s[0] for s in sets])
     dn_list = _set_list(out, "dn_aux_pred")
