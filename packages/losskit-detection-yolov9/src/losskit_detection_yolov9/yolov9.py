@@ -253,8 +253,8 @@ def _prepare(
 _LOG_BLOCK = 64
 
 
-#: Elements per chunk of :func:`softplus_sum` (a chunk's buffer stays in cache through its passes).
-_CHUNK = 1 << 18
+#: Elements per chunk of :func:`softplus_sum` (fewer, larger chunks measured faster than cache-sized ones).
+_CHUNK = 1 << 20
 
 
 def _softplus_sum_block(x: Tensor) -> Tensor:
@@ -279,8 +279,8 @@ def softplus_sum(x: Tensor) -> Tensor:
     several times faster than ``F.softplus(x).sum()`` and as accurate (the rounding of the products
     is about ``1e-6`` per block and averages out). The products are taken between halves of a
     chunk's buffer (contiguous), so element ``i`` of a block is ``blocks[i, j]`` for some column
-    ``j``. Channels are taken in chunks of about ``2^18`` elements, so that each chunk's buffer
-    stays in cache through its passes.
+    ``j``. Channels are taken in chunks of about ``2^20`` elements (4 MB in float32), which bounds
+    the temporaries.
     """
     per = max(1, _CHUNK // max(1, x.shape[0] * x.shape[2]))
     total = x.new_zeros(())
