@@ -193,8 +193,9 @@ def _scores(
     iou_factor: float,
     cls_factor: float,
     assigner: Assigner,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """CIoU, score ``M`` and anchor-in-box mask ``(g, A)`` of ground-truth rows ``rows``."""
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """CIoU, score ``M`` and (upstream only, None for NetsPresso) anchor-in-box mask ``(g, A)`` of
+    ground-truth rows ``rows``."""
     image = gts.image[rows]
     box = gts.boxes[rows]
     valid = gts.valid[rows, None]
@@ -207,12 +208,14 @@ def _scores(
     score = _power(iou, iou_factor)
     score.mul_(_class_logits(levels, image, gts.labels[rows] + 4 * reg_max).sigmoid_().pow_(cls_factor))
     if assigner == "netspresso":
-        inside = x1 < grid.x
-        test = torch.lt(grid.x, x2)
-        inside &= test
-        inside &= torch.lt(y1, grid.y, out=test)
-        inside &= torch.lt(grid.y, y2, out=test)
-        score.masked_fill_(~inside, 0.0)
+        # outside the box (strictly inside is x1 < x < x2, y1 < y < y2); finite values, so the
+        # complement of < is >=; the matcher needs no mask afterwards
+        outside = x1 >= grid.x
+        test = torch.ge(grid.x, x2)
+        outside |= test
+        outside |= torch.ge(y1, grid.y, out=test)
+        outside |= torch.ge(grid.y, y2, out=test)
+        return iou, score.masked_fill_(outside, 0.0), None
     else:
         near = grid.x - x1
         side = grid.y - y1
@@ -261,21 +264,21 @@ def match(
         )
     boxes = decode_levels(levels, grid, reg_max)
     pred = yolo_box_parts(*boxes.unbind(1))  # the BoxParts (B, A) of every anchor
-    iou = torch.empty(g, a, device=device)
-    score = torch.empty(g, a, device=device)
-    inside = torch.empty(g, a, dtype=torch.bool, device=device)
     step = max(1, CHUNK_PAIRS // max(a, 1))
     kwargs = {"reg_max": reg_max, "iou_factor": iou_factor, "cls_factor": cls_factor, "assigner": assigner}
+    inside: Tensor | None
     if g <= step:
         iou, score, inside = _scores(levels, grid, pred, gts, slice(0, g), **kwargs)  # type: ignore[arg-type]
     else:
         iou = torch.empty(g, a, device=device)
         score = torch.empty(g, a, device=device)
-        inside = torch.empty(g, a, dtype=torch.bool, device=device)
+        inside = torch.empty(g, a, dtype=torch.bool, device=device) if assigner == "upstream" else None
         for start in range(0, g, step):  # chunks of rows bound the CIoU's temporaries
             rows = slice(start, min(g, start + step))
-            iou[rows], score[rows], inside[rows] = _scores(levels, grid, pred, gts, rows, **kwargs)  # type: ignore[arg-type]
-    index, ok = _top_k(score.masked_fill(~inside, 0.0) if assigner == "upstream" else score, topk)
+            iou[rows], score[rows], mask = _scores(levels, grid, pred, gts, rows, **kwargs)  # type: ignore[arg-type]
+            if inside is not None and mask is not None:
+                inside[rows] = mask
+    index, ok = _top_k(score if inside is None else score.masked_fill(~inside, 0.0), topk)
     kept = None
     if assigner == "upstream":
         _ensure_one(score, index, ok)
