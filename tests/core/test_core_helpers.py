@@ -170,3 +170,46 @@ def test_get_img_size_accepts_any_real_scalar_or_pair() -> None:
         assert message in str(info.value) and "target" in str(info.value)
     with pytest.raises(losskit.InputError, match=r"\(integers\), got 352\.5"):
         get_img_size({"img_size": 352.5}, criterion="c", integral=True)
+
+
+def test_get_levels_checks_what_every_dense_head_shares() -> None:
+    from losskit.checks import get_levels
+
+    a, b = torch.zeros(2, 7, 4, 4), torch.zeros(2, 7, 2, 2)
+    assert get_levels([a, b], "out['pred']", criterion="c", shape="(B, 5 + C, H, W)") == [a, b]
+    seen: list[int] = []
+    get_levels((a, b), "out['pred']", criterion="c", shape="(B, C, H, W)", each=lambda i, p: seen.append(i))
+    assert seen == [0, 1]
+    bad = [
+        (
+            a,
+            "out['pred']: expected a list over pyramid levels of (B, C, H, W) raw head outputs, got a tensor",
+        ),
+        (
+            [],
+            "out['pred']: expected a list over pyramid levels of (B, C, H, W) raw head outputs, got an empty",
+        ),
+        ([a, [1.0]], "out['pred'][1]: expected a tensor (B, C, H, W), got list"),
+        ([a, b.long()], "out['pred'][1]: expected a floating-point tensor, got torch.int64"),
+        ([a, b[0]], "out['pred'][1]: expected shape (B, C, H, W), got shape (7, 2, 2); or reshape"),
+        ([a, b[..., :0]], "out['pred'][1]: expected a non-empty grid"),
+        ([a, b[:1]], "out['pred'][1]: batch size 1 differs from level 0's 2"),
+        ([a, b[:, :6]], "out['pred'][1]: expected 7 channels (5 + C) as level 0, got shape (2, 6, 2, 2)"),
+        ([a, b.double()], "out['pred'][1]: dtype torch.float64 differs from out['pred'][0]'s torch.float32"),
+        (
+            [a, b.to("meta")],
+            "out['pred'][1]: is on meta, but out['pred'][0] is on cpu; move both to one device",
+        ),
+    ]
+    for pred, message in bad:
+        with pytest.raises(losskit.InputError) as info:
+            get_levels(
+                pred,
+                "out['pred']",
+                criterion="c",
+                shape="(B, C, H, W)",
+                channels="5 + C",
+                rank_hint="; or reshape",
+            )
+        assert str(info.value).startswith("c: " + message), str(info.value)
+    assert get_levels([], "out['pred']", criterion="c", shape="(B, C, H, W)", allow_empty=True) == []

@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.compiler import is_compiling
 
 from losskit import ConfigError, Criterion, InputError, LossTerms, option
-from losskit.checks import fmt_shape, get_box_targets, get_img_size, value_checks_enabled
+from losskit.checks import get_box_targets, get_img_size, get_levels, value_checks_enabled
 from losskit.dist import global_mean, is_distributed
 from losskit.tensors import autocast_off, graph_zero
 from losskit_detection_yolov9._assign import (
@@ -92,39 +92,7 @@ def _is_int(x: Any) -> bool:
 
 
 def _level_list(pred: Any, key: str, channels: int | None) -> list[Tensor]:
-    expected = "a list over pyramid levels of (B, 4 R + C, H_l, W_l) raw head outputs"
-    if isinstance(pred, Tensor) or not isinstance(pred, Sequence) or isinstance(pred, str):
-        given = (
-            f"a tensor of shape {fmt_shape(pred.shape)}" if isinstance(pred, Tensor) else type(pred).__name__
-        )
-        raise InputError(NAME, key, f"expected {expected}, got {given}")
-    if len(pred) == 0:
-        raise InputError(NAME, key, f"expected {expected}, got an empty list")
-    levels: list[Tensor] = []
-    for i, p in enumerate(pred):
-        where = f"{key}[{i}]"
-        if not isinstance(p, Tensor):
-            raise InputError(NAME, where, f"expected a tensor (B, 4 R + C, H, W), got {type(p).__name__}")
-        if not p.is_floating_point():
-            raise InputError(NAME, where, f"expected a floating-point tensor, got {p.dtype}")
-        if p.dim() != 4 or p.shape[2] < 1 or p.shape[3] < 1:
-            raise InputError(
-                NAME, where, f"expected shape (B, 4 R + C, H, W), got shape {fmt_shape(p.shape)}"
-            )
-        first = levels[0] if levels else p
-        if p.shape[0] != first.shape[0]:
-            raise InputError(NAME, where, f"batch size {p.shape[0]} differs from level 0's {first.shape[0]}")
-        if p.shape[1] != first.shape[1]:
-            raise InputError(
-                NAME, where, f"expected {first.shape[1]} channels as level 0, got shape {fmt_shape(p.shape)}"
-            )
-        if p.dtype != first.dtype or p.device != first.device:
-            raise InputError(
-                NAME,
-                where,
-                f"dtype/device {p.dtype}/{p.device} differ from level 0's {first.dtype}/{first.device}",
-            )
-        levels.append(p)
+    levels = get_levels(pred, key, criterion=NAME, shape="(B, 4 R + C, H, W)")
     if channels is not None and levels[0].shape[1] != channels:
         raise InputError(
             NAME, f"{key}[0]", f"expected {channels} channels like the main outputs, got {levels[0].shape[1]}"

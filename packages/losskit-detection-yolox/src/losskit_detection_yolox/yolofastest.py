@@ -21,11 +21,10 @@ from torch import Tensor
 
 from losskit import Criterion, InputError, LossTerms, option
 from losskit.checks import (
-    explain_non_finite,
     fmt_shape,
     get_img_size,
+    get_levels,
     missing_key_error,
-    value_checks_enabled,
 )
 from losskit.tensors import autocast_off
 from losskit_detection_yolox._assign import AnchorGrid, Assignment
@@ -35,6 +34,7 @@ from losskit_detection_yolox.yolox import (
     _check_num_classes,
     _ground_truths,
     _terms,
+    check_finite_levels,
 )
 
 __all__ = ["YOLOFastestLoss", "YOLOFastestLossConfig", "yolofastest_assign", "yolofastest_loss"]
@@ -109,38 +109,28 @@ def _levels(out: Any, anchors: Sequence[Sequence[float]]) -> list[Tensor]:
     if "pred" not in out:
         raise missing_key_error(NAME, "out", "pred", out, expected)
     pred = out["pred"]
-    if isinstance(pred, Tensor) or not isinstance(pred, Sequence) or isinstance(pred, str):
-        given = (
-            f"a tensor of shape {fmt_shape(pred.shape)}" if isinstance(pred, Tensor) else type(pred).__name__
-        )
-        raise InputError(NAME, key, f"expected {expected}, got {given}")
-    if len(pred) != len(anchors):
+    if isinstance(pred, Sequence) and not isinstance(pred, (str, bytes)) and len(pred) != len(anchors):
         raise InputError(
             NAME,
             key,
             f"got {len(pred)} levels but the config's anchors give {len(anchors)}; expected {expected}",
         )
-    levels: list[Tensor] = []
-    for i, p in enumerate(pred):
-        levels.append(_level(p, i, anchors[i], levels[0] if levels else None))
+    levels = get_levels(
+        pred,
+        key,
+        criterion=NAME,
+        shape="(B, nA, 5 + C, H, W)",
+        ndim=5,
+        channel_dim=2,
+        channels="5 + C",
+        rank_hint="; a (B, nA * (5 + C), H, W) output can be passed as p.view(B, nA, 5 + C, H, W)",
+        each=lambda i, p: _check_anchors_and_channels(p, i, anchors[i]),
+    )
     return levels
 
 
-def _level(p: Any, i: int, anchors: Sequence[float], first: Tensor | None) -> Tensor:
+def _check_anchors_and_channels(p: Tensor, i: int, anchors: Sequence[float]) -> None:
     where = f"out['pred'][{i}]"
-    if not isinstance(p, Tensor):
-        raise InputError(NAME, where, f"expected a tensor (B, nA, 5 + C, H, W), got {type(p).__name__}")
-    if not p.is_floating_point():
-        raise InputError(NAME, where, f"expected a floating-point tensor, got {p.dtype}")
-    if p.dim() != 5:
-        hint = (
-            "; a (B, nA * (5 + C), H, W) output can be passed as p.view(B, nA, 5 + C, H, W)"
-            if p.dim() == 4
-            else ""
-        )
-        raise InputError(
-            NAME, where, f"expected shape (B, nA, 5 + C, H, W), got shape {fmt_shape(p.shape)}{hint}"
-        )
     n = len(anchors) // 2
     if p.shape[1] != n:
         raise InputError(
@@ -151,26 +141,6 @@ def _level(p: Any, i: int, anchors: Sequence[float], first: Tensor | None) -> Te
         )
     if p.shape[2] < 6:
         raise InputError(NAME, where, f"expected 5 + C channels with C >= 1, got shape {fmt_shape(p.shape)}")
-    if p.shape[3] < 1 or p.shape[4] < 1:
-        raise InputError(NAME, where, f"expected a non-empty grid, got shape {fmt_shape(p.shape)}")
-    if first is not None:
-        if p.shape[0] != first.shape[0]:
-            raise InputError(NAME, where, f"batch size {p.shape[0]} differs from level 0's {first.shape[0]}")
-        if p.shape[2] != first.shape[2]:
-            raise InputError(
-                NAME,
-                where,
-                f"expected {first.shape[2]} channels (5 + C) as level 0, got shape {fmt_shape(p.shape)}",
-            )
-        if p.device != first.device:
-            raise InputError(
-                NAME,
-                where,
-                f"is on {p.device}, but out['pred'][0] is on {first.device}; move both to one device",
-            )
-        if p.dtype != first.dtype:
-            raise InputError(NAME, where, f"dtype {p.dtype} differs from out['pred'][0]'s {first.dtype}")
-    return p
 
 
 def _prepare(out: Any, target: Any, *, anchors: Sequence[Sequence[float]], num_classes: int | None) -> _Batch:
@@ -186,13 +156,7 @@ def _prepare(out: Any, target: Any, *, anchors: Sequence[Sequence[float]], num_c
     strides = [(img_h / h, img_w / w) for h, w in shapes]
     device = levels[0].device
     batch = int(levels[0].shape[0])
-    if value_checks_enabled(levels[0]):
-        for i, p in enumerate(levels):
-            # the sum is non-finite when any value is (or, rarely, on overflow: then look closer)
-            if not bool(torch.isfinite(p.detach().sum())):
-                err = explain_non_finite(NAME, [(f"out['pred'][{i}]", p.detach())])
-                if err is not None:
-                    raise err
+    check_finite_levels(levels, NAME)
     gts = _ground_truths(target, batch, c, device, NAME)
     sizes = [[(float(a[j]), float(a[j + 1])) for j in range(0, len(a), 2)] for a in anchors]
     grid = AnchorGrid.build(shapes, strides, device, anchor_sizes=sizes)

@@ -22,6 +22,7 @@ from losskit.checks import (
     fmt_shape,
     get_box_targets,
     get_img_size,
+    get_levels,
     integral_scalar,
     missing_key_error,
     value_checks_enabled,
@@ -103,51 +104,28 @@ def _levels(out: Any) -> list[Tensor]:
         raise InputError(NAME, "out", f"expected a mapping with key 'pred', got {type(out).__name__}")
     if "pred" not in out:
         raise missing_key_error(NAME, "out", "pred", out, expected)
-    pred = out["pred"]
-    if isinstance(pred, Tensor) or not isinstance(pred, Sequence) or isinstance(pred, str):
-        given = (
-            f"a tensor of shape {fmt_shape(pred.shape)}" if isinstance(pred, Tensor) else type(pred).__name__
+    return get_levels(
+        out["pred"], key, criterion=NAME, shape="(B, 5 + C, H, W)", channels="5 + C", each=_check_channels
+    )
+
+
+def _check_channels(i: int, p: Tensor) -> None:
+    if p.shape[1] < 6:
+        raise InputError(
+            NAME, f"out['pred'][{i}]", f"expected 5 + C channels with C >= 1, got shape {fmt_shape(p.shape)}"
         )
-        raise InputError(NAME, key, f"expected {expected}, got {given}")
-    if len(pred) == 0:
-        raise InputError(NAME, key, f"expected {expected}, got an empty list")
-    levels: list[Tensor] = []
-    for i, p in enumerate(pred):
-        where = f"{key}[{i}]"
-        if not isinstance(p, Tensor):
-            raise InputError(NAME, where, f"expected a tensor (B, 5 + C, H, W), got {type(p).__name__}")
-        if not p.is_floating_point():
-            raise InputError(NAME, where, f"expected a floating-point tensor, got {p.dtype}")
-        if p.dim() != 4:
-            raise InputError(NAME, where, f"expected shape (B, 5 + C, H, W), got shape {fmt_shape(p.shape)}")
-        if p.shape[1] < 6:
-            raise InputError(
-                NAME, where, f"expected 5 + C channels with C >= 1, got shape {fmt_shape(p.shape)}"
-            )
-        if p.shape[2] < 1 or p.shape[3] < 1:
-            raise InputError(NAME, where, f"expected a non-empty grid, got shape {fmt_shape(p.shape)}")
-        if i > 0:
-            first = levels[0]
-            if p.shape[0] != first.shape[0]:
-                raise InputError(
-                    NAME, where, f"batch size {p.shape[0]} differs from level 0's {first.shape[0]}"
-                )
-            if p.shape[1] != first.shape[1]:
-                raise InputError(
-                    NAME,
-                    where,
-                    f"expected {first.shape[1]} channels (5 + C) as level 0, got shape {fmt_shape(p.shape)}",
-                )
-            if p.device != first.device:
-                raise InputError(
-                    NAME,
-                    where,
-                    f"is on {p.device}, but out['pred'][0] is on {first.device}; move both to one device",
-                )
-            if p.dtype != first.dtype:
-                raise InputError(NAME, where, f"dtype {p.dtype} differs from out['pred'][0]'s {first.dtype}")
-        levels.append(p)
-    return levels
+
+
+def check_finite_levels(levels: Sequence[Tensor], criterion: str) -> None:
+    """With value checks on, an :class:`InputError` naming the first level holding NaN or inf."""
+    if not value_checks_enabled(levels[0]):
+        return
+    for i, p in enumerate(levels):
+        # the sum is non-finite when any value is (or, rarely, on overflow: then look closer)
+        if not bool(torch.isfinite(p.detach().sum())):
+            err = explain_non_finite(criterion, [(f"out['pred'][{i}]", p.detach())])
+            if err is not None:
+                raise err
 
 
 def _to_device(t: Tensor, where: str, device: torch.device, dtype: torch.dtype, criterion: str) -> Tensor:
@@ -270,13 +248,7 @@ def _prepare(
         level_strides = [(img_h / h, img_w / w) for h, w in shapes]
     device = levels[0].device
     batch = int(levels[0].shape[0])
-    if value_checks_enabled(levels[0]):
-        for i, p in enumerate(levels):
-            # the sum is non-finite when any value is (or, rarely, on overflow: then look closer)
-            if not bool(torch.isfinite(p.detach().sum())):
-                err = explain_non_finite(NAME, [(f"out['pred'][{i}]", p.detach())])
-                if err is not None:
-                    raise err
+    check_finite_levels(levels, NAME)
     gts = _ground_truths(target, batch, c, device)
     grid = AnchorGrid.build(shapes, level_strides, device)
     return _Batch(tuple(levels), grid, gts, c)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -30,6 +30,7 @@ __all__ = [
     "fmt_shape",
     "get_box_targets",
     "get_img_size",
+    "get_levels",
     "get_tensor",
     "integral_scalar",
     "missing_key_error",
@@ -300,3 +301,85 @@ def get_img_size(
     if not all(s is not None and math.isfinite(s) and s > 0 for s in (h, w)):
         raise InputError(criterion, where, f"expected positive finite sizes, got {size!r}")
     return h, w  # type: ignore[return-value]
+
+
+def get_levels(
+    pred: Any,
+    key: str,
+    *,
+    criterion: str,
+    shape: str,
+    ndim: int = 4,
+    channel_dim: int = 1,
+    channels: str = "",
+    rank_hint: str = "",
+    allow_empty: bool = False,
+    each: Callable[[int, Tensor], None] | None = None,
+) -> list[Tensor]:
+    """The list of pyramid levels ``pred`` found at ``key`` (``"out['pred']"``), checked for what every
+    dense head shares: a sequence (not one tensor) of floating tensors of ``ndim`` dimensions with a
+    non-empty grid (the last two), and the batch size, channel count (dim ``channel_dim``), device and
+    dtype of level 0. The head's own channel layout stays the criterion's to check.
+
+    Args:
+        shape: one level's dims for messages, ``"(B, 5 + C, H, W)"``.
+        channels: what the channel count is made of, for messages (``"5 + C"``).
+        rank_hint: appended to the wrong-rank message when a level has ``ndim - 1`` dims.
+        allow_empty: accept an empty list (else an error).
+        each: the criterion's own check of level ``i``, called after the generic checks of that level
+            and before it is compared with level 0 (so errors come in level order).
+
+    Raises:
+        InputError: naming ``key`` or the level (``out['pred'][1]``), what was given and what is expected.
+    """
+    expected = f"a list over pyramid levels of {shape} raw head outputs"
+    if isinstance(pred, Tensor) or not isinstance(pred, Sequence) or isinstance(pred, (str, bytes)):
+        given = (
+            f"a tensor of shape {fmt_shape(pred.shape)}" if isinstance(pred, Tensor) else type(pred).__name__
+        )
+        raise InputError(criterion, key, f"expected {expected}, got {given}")
+    if len(pred) == 0 and not allow_empty:
+        raise InputError(criterion, key, f"expected {expected}, got an empty list")
+    levels: list[Tensor] = []
+    for i, p in enumerate(pred):
+        where = f"{key}[{i}]"
+        level = _level(p, where, criterion, shape, ndim, rank_hint)
+        if each is not None:
+            each(i, level)
+        if levels:
+            _same_as_first(level, levels[0], where, key, criterion, channel_dim, channels)
+        levels.append(level)
+    return levels
+
+
+def _level(p: Any, where: str, criterion: str, shape: str, ndim: int, rank_hint: str) -> Tensor:
+    if not isinstance(p, Tensor):
+        raise InputError(criterion, where, f"expected a tensor {shape}, got {type(p).__name__}")
+    if not p.is_floating_point():
+        raise InputError(criterion, where, f"expected a floating-point tensor, got {p.dtype}")
+    if p.dim() != ndim:
+        hint = rank_hint if p.dim() == ndim - 1 else ""
+        raise InputError(criterion, where, f"expected shape {shape}, got shape {fmt_shape(p.shape)}{hint}")
+    if p.shape[-2] < 1 or p.shape[-1] < 1:
+        raise InputError(criterion, where, f"expected a non-empty grid, got shape {fmt_shape(p.shape)}")
+    return p
+
+
+def _same_as_first(
+    p: Tensor, first: Tensor, where: str, key: str, criterion: str, channel_dim: int, channels: str
+) -> None:
+    if p.shape[0] != first.shape[0]:
+        raise InputError(criterion, where, f"batch size {p.shape[0]} differs from level 0's {first.shape[0]}")
+    if p.shape[channel_dim] != first.shape[channel_dim]:
+        made_of = f" ({channels})" if channels else ""
+        raise InputError(
+            criterion,
+            where,
+            f"expected {first.shape[channel_dim]} channels{made_of} as level 0, got shape {fmt_shape(p.shape)}",
+        )
+    if p.device != first.device:
+        raise InputError(
+            criterion, where, f"is on {p.device}, but {key}[0] is on {first.device}; move both to one device"
+        )
+    if p.dtype != first.dtype:
+        raise InputError(criterion, where, f"dtype {p.dtype} differs from {key}[0]'s {first.dtype}")
