@@ -22,7 +22,7 @@ from torch.compiler import is_compiling
 from losskit import ConfigError, Criterion, InputError, LossTerms, option
 from losskit.checks import get_box_targets, get_img_size, get_levels, value_checks_enabled
 from losskit.dist import global_mean, is_distributed
-from losskit.tensors import autocast_off, graph_zero
+from losskit.tensors import autocast_off, example_gt, graph_zero
 from losskit_detection_yolov9._assign import (
     REACH_MARGIN,
     AnchorGrid,
@@ -669,12 +669,5 @@ class YOLOv9Loss(Criterion[YOLOv9LossConfig]):
 
         main = levels()
         pred: Any = {"outputs": main, "aux_outputs": levels()} if self.config.aux_weight > 0 else main
-        gt = []
-        for i in range(batch_size):
-            n = int(torch.randint(1 if i == 0 else 0, 5, (1,), generator=gen))
-            xy = torch.rand(n, 2, generator=gen) * (img - 16)
-            wh = torch.rand(n, 2, generator=gen) * 40 + 4
-            boxes = torch.cat((xy, (xy + wh).clamp(max=img)), dim=1)
-            labels = torch.randint(0, c, (n,), generator=gen)
-            gt.append({"boxes": boxes.to(device), "labels": labels.to(device)})
+        gt = example_gt(batch_size, img, c, generator=gen, device=device)
         return {"pred": pred}, {"gt": gt, "img_size": img}

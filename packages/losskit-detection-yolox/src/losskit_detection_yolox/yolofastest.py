@@ -26,7 +26,7 @@ from losskit.checks import (
     get_levels,
     missing_key_error,
 )
-from losskit.tensors import autocast_off
+from losskit.tensors import autocast_off, example_gt
 from losskit_detection_yolox._assign import AnchorGrid, Assignment
 from losskit_detection_yolox.yolox import (
     _assign,
@@ -395,12 +395,7 @@ class YOLOFastestLoss(Criterion[YOLOFastestLossConfig]):
             side = max(8 >> i, 1)
             p = torch.randn(batch_size, len(level) // 2, 5 + c, side, side, generator=gen) * 0.5
             pred.append(p.to(device).requires_grad_(True))
-        gt = []
-        for i in range(batch_size):
-            n = int(torch.randint(1 if i == 0 else 0, 5, (1,), generator=gen))
-            xy = torch.rand(n, 2, generator=gen) * (img - 32)
-            wh = torch.rand(n, 2, generator=gen) * 80 + 8
-            boxes = torch.cat((xy, (xy + wh).clamp(max=img)), dim=1)
-            labels = torch.randint(0, c, (n,), generator=gen)
-            gt.append({"boxes": boxes.to(device), "labels": labels.to(device)})
+        gt = example_gt(
+            batch_size, img, c, generator=gen, device=device, margin=32.0, min_size=8.0, spread=80.0
+        )
         return {"pred": pred}, {"gt": gt, "img_size": img}

@@ -28,7 +28,7 @@ from losskit.checks import (
     value_checks_enabled,
 )
 from losskit.dist import global_mean
-from losskit.tensors import autocast_off
+from losskit.tensors import autocast_off, example_gt
 from losskit_detection_yolox._assign import (
     AnchorGrid,
     Assignment,
@@ -717,12 +717,5 @@ class YOLOXLoss(Criterion[YOLOXLossConfig]):
         for side in (8, 4, 2):
             level = torch.randn(batch_size, 5 + c, side, side, generator=gen) * 0.5
             pred.append(level.to(device).requires_grad_(True))
-        gt = []
-        for i in range(batch_size):
-            n = int(torch.randint(1 if i == 0 else 0, 5, (1,), generator=gen))
-            xy = torch.rand(n, 2, generator=gen) * (img - 16)
-            wh = torch.rand(n, 2, generator=gen) * 40 + 4
-            boxes = torch.cat((xy, (xy + wh).clamp(max=img)), dim=1)
-            labels = torch.randint(0, c, (n,), generator=gen)
-            gt.append({"boxes": boxes.to(device), "labels": labels.to(device)})
+        gt = example_gt(batch_size, img, c, generator=gen, device=device)
         return {"pred": pred}, {"gt": gt, "img_size": img}

@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Small tensor chores every criterion needs, defined once: autocast off, a graph-keeping zero."""
+"""Small tensor chores every criterion needs, defined once: autocast off, a graph-keeping zero, the random
+ground truths of the detection criteria's ``example()``."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["autocast_off", "graph_zero"]
+__all__ = ["autocast_off", "example_gt", "graph_zero"]
 
 
 def autocast_off(device: torch.device | str) -> contextlib.AbstractContextManager[Any]:
@@ -45,3 +46,29 @@ def graph_zero(*tensors: Tensor | None) -> Tensor:
         part = part.float() if part.is_floating_point() else part.to(torch.float32)
         zero = part if zero is None else zero + part.to(zero.device)
     return torch.zeros(()) if zero is None else zero
+
+
+def example_gt(
+    batch_size: int,
+    img_size: int,
+    num_classes: int,
+    *,
+    generator: torch.Generator,
+    device: torch.device | str | None = None,
+    margin: float = 16.0,
+    min_size: float = 4.0,
+    spread: float = 40.0,
+) -> list[dict[str, Tensor]]:
+    """Random ground truths for a detection criterion's ``example()``: ``batch_size`` dicts
+    ``{"boxes": (n, 4) xyxy pixels, "labels": (n,) int64}`` with 0 to 4 boxes each (at least one in
+    the first image), corners in ``[0, img_size - margin)``, sides in ``[min_size, min_size + spread)``
+    clipped to the image, labels in ``[0, num_classes)``."""
+    gt = []
+    for i in range(batch_size):
+        n = int(torch.randint(1 if i == 0 else 0, 5, (1,), generator=generator))
+        xy = torch.rand(n, 2, generator=generator) * (img_size - margin)
+        wh = torch.rand(n, 2, generator=generator) * spread + min_size
+        boxes = torch.cat((xy, (xy + wh).clamp(max=img_size)), dim=1)
+        labels = torch.randint(0, num_classes, (n,), generator=generator)
+        gt.append({"boxes": boxes.to(device), "labels": labels.to(device)})
+    return gt
