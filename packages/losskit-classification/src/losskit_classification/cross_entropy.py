@@ -202,13 +202,7 @@ class CrossEntropy(Criterion[CrossEntropyConfig]):
 
     def __init__(self, config: CrossEntropyConfig | None = None, /, **fields: Any) -> None:
         super().__init__(config, **fields)
-        weights = self.config.class_weights
-        # Not persistent: the config is the source of truth, so checkpoints load whatever the weights are.
-        self.register_buffer(
-            "class_weights",
-            None if weights is None else torch.tensor(weights, dtype=torch.float32),
-            persistent=False,
-        )
+        self.register_config_buffer("class_weights", self.config.class_weights, dtype=torch.float32)
 
     def forward(self, out: Mapping[str, Any], target: Mapping[str, Any]) -> Tensor:
         try:

@@ -410,14 +410,8 @@ class PIDNetLoss(Criterion[PIDNetLossConfig]):
 
     def __init__(self, config: PIDNetLossConfig | None = None, /, **fields: Any) -> None:
         super().__init__(config, **fields)
-        weights = self.config.class_weights
         self.class_weights: Tensor | None
-        if weights is None:
-            self.class_weights = None
-        else:  # a buffer follows .to(device), so no host-to-device copy per call
-            self.register_buffer(
-                "class_weights", torch.tensor(weights, dtype=torch.float64), persistent=False
-            )
+        self.register_config_buffer("class_weights", self.config.class_weights, dtype=torch.float64)
 
     def forward(self, out: Mapping[str, Any], target: Mapping[str, Any]) -> LossTerms:
         pred = get_tensor(

@@ -269,13 +269,7 @@ class SegCrossEntropy(Criterion[SegCrossEntropyConfig]):
 
     def __init__(self, config: SegCrossEntropyConfig | None = None, /, **fields: Any) -> None:
         super().__init__(config, **fields)
-        weights = self.config.class_weights
-        # Not persistent: the config is the source of truth; a buffer follows .to(device).
-        self.register_buffer(
-            "class_weights",
-            None if weights is None else torch.tensor(weights, dtype=torch.float64),
-            persistent=False,
-        )
+        self.register_config_buffer("class_weights", self.config.class_weights, dtype=torch.float64)
 
     def forward(self, out: Mapping[str, Any], target: Mapping[str, Any]) -> Tensor:
         pred = get_tensor(

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
@@ -104,6 +104,18 @@ class Criterion(nn.Module, Generic[ConfigT]):
         if problems:
             raise ConfigError(problems)
         return instance
+
+    def register_config_buffer(
+        self, name: str, values: Sequence[float] | None, *, dtype: torch.dtype
+    ) -> None:
+        """Hold a config field's numbers (``class_weights``) as a tensor attribute ``name`` that follows
+        ``.to(device)`` (no host-to-device copy per call), ``None`` when the field is null.
+
+        The buffer is not persistent: the config is the source of truth, so a checkpoint loads
+        whatever the configured values are.
+        """
+        tensor = None if values is None else torch.tensor(values, dtype=dtype)
+        self.register_buffer(name, tensor, persistent=False)
 
     def term_names(self) -> tuple[str, ...]:
         """The names of the terms this criterion returns for its config (fixed across calls)."""
